@@ -1,0 +1,58 @@
+"""Shared offline fixtures: a tiny Qwen2-style model and tokenizer built in the test session (no Hub access)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from trl_onpolicy.tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """A fresh random tiny model (float32) and its tokenizer."""
+    model, _ = make_tiny_model(tiny_tokenizer)
+    return model, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny model folder, usable as `model_name_or_path` in recipes and CLIs."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tok = make_tiny_model(tiny_tokenizer)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def arithmetic_examples(n: int = 32, conversational: bool = True):
+    rows = []
+    for i in range(n):
+        a, b = i % 10, (3 * i + 1) % 10
+        q, s = f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}."
+        if conversational:
+            rows.append({"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": s}]})
+        else:
+            rows.append({"prompt": q + " ", "completion": s})
+    return rows
+
+
+@pytest.fixture
+def arithmetic_dataset():
+    from datasets import Dataset
+
+    return Dataset.from_list(arithmetic_examples())

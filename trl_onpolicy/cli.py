@@ -1,0 +1,50 @@
+"""`trl-onpolicy` command line: one subcommand per capability, each in its own module.
+
+Every subcommand module exposes ``main(argv: list[str] | None) -> int | None`` and parses its own arguments (with
+TRL's `TrlParser` where a recipe applies), so `trl-onpolicy <command> --help` documents it.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+# subcommand -> (module, one-line description)
+COMMANDS = {
+    "quickstart": ("trl_onpolicy.quickstart", "fine-tune the embedded SmolLM2-135M-Instruct with IDFT on offline math"),
+    "train": ("trl_onpolicy.scripts.train", "train with the token-loss family (idft, dft, eaft, sft) from a recipe"),
+    "dpo": ("trl_onpolicy.scripts.dpo", "train with TRL's DPOTrainer from a recipe"),
+    "simpo": ("trl_onpolicy.scripts.simpo", "train with SimPO (TRL's CPOTrainer, loss_type=simpo, cpo_alpha=0)"),
+    "ddt": ("trl_onpolicy.ddt_cli", "score how on-policy a dataset is for a model (DDT)"),
+    "ddt-filter": ("trl_onpolicy.ddt_cli:filter_main", "keep or drop samples by their DDT statistics"),
+    "realign": ("trl_onpolicy.realign", "re-align a corpus to the model with Hinted Decoding"),
+    "eval": ("trl_onpolicy.evaluation", "evaluate a model on math benchmark sets"),
+    "pairs": ("trl_onpolicy.preferences", "build DPO/SimPO preference pairs from SFT data"),
+    "compare": ("trl_onpolicy.compare", "train and evaluate several methods side by side"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: trl-onpolicy <command> [--config recipe.yaml] [options]", "", "commands:"]
+    lines += [f"  {name:<11} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "Run `trl-onpolicy <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"trl-onpolicy: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = COMMANDS[name][0]
+    module, _, func = target.partition(":")
+    result = getattr(import_module(module), func or "main")(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Configuration of `IDFTTrainer`: TRL's `SFTConfig` plus the token-loss family's fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig
+
+from .losses import EAFT_ENTROPY_MODES, IDFT_DETACH_MODES, TOKEN_LOSS_TYPES
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "npu", "mlu", "musa", "hpu"):
+        backend = getattr(torch, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
+
+
+@dataclass
+class IDFTConfig(SFTConfig):
+    r"""
+    Configuration class for [`IDFTTrainer`]: every [`~trl.SFTConfig`] field, plus the fields below.
+
+    Using [`~transformers.HfArgumentParser`] (or TRL's `TrlParser`) these fields can be given on the command line or in
+    a YAML recipe.
+
+    Parameters:
+        > Token loss
+
+        token_loss (`str`, *optional*, defaults to `"idft"`):
+            Token loss to train with. Every choice is a weighted NLL `-w_t * log p_t` with a detached weight:
+
+            - `"idft"`: In-Distribution Finetuning, `w = p ** gamma`, `gamma = clamp(exp(-phi / beta), gamma_min,
+              gamma_max)`, `phi = log p + H` (https://huggingface.co/papers/2602.12222).
+            - `"dft"`: Dynamic Fine-Tuning, `w = p` (identical to `SFTConfig(loss_type="dft")`).
+            - `"eaft"`: Entropy-Adaptive Fine-Tuning, `w = normalised entropy` (see `eaft_entropy`).
+            - `"nll"`: plain SFT, `w = 1` (identical to `SFTConfig(loss_type="nll")`).
+
+        > IDFT
+
+        idft_beta (`float`, *optional*, defaults to `1.0`):
+            Temperature of the gamma map `exp(-phi / beta)`; must be > 0. Larger values keep gamma closer to 1 (DFT).
+        idft_gamma_min (`float`, *optional*, defaults to `0.1`):
+            Lower clamp of gamma, reached by over-confident tokens (`phi >= beta * ln(1 / gamma_min)`). Must be >= 0.
+        idft_gamma_max (`float`, *optional*, defaults to `2.0`):
+            Upper clamp of gamma, reached by off-policy tokens (`phi <= -beta * ln(gamma_max)`). Must be >=
+            `idft_gamma_min`.
+        idft_warmup_ratio (`float`, *optional*, defaults to `0.0`):
+            Fraction of `max_steps` during which the schedule `lambda` is 0, i.e. gamma = 1 (DFT, not SFT).
+        idft_transition_ratio (`float`, *optional*, defaults to `0.0`):
+            Fraction of `max_steps` after the warm-up over which `lambda` rises linearly from 0 to 1. With
+            `idft_warmup_ratio`, must sum to at most 1. The schedule follows `state.global_step / state.max_steps`,
+            so it continues where it was after `resume_from_checkpoint`.
+        idft_detach (`str`, *optional*, defaults to `"weight"`):
+            What IDFT detaches. `"weight"` (current method): `-sg(p ** gamma) * log p`. `"gamma"` (the paper's first
+            version, for reproducing its figure): `-p ** sg(gamma) * log p`, whose gradient pushes targets with `p <
+            exp(-1 / gamma)` down.
+
+        > EAFT
+
+        eaft_entropy (`str`, *optional*, defaults to `"topk"`):
+            Entropy EAFT weights by. `"topk"` (the EAFT paper): entropy of the softmax renormalised over the
+            `eaft_top_k` largest logits, divided by `ln(eaft_top_k)`. `"full"` (the IDFT authors' baseline):
+            full-vocabulary entropy divided by `ln |V|`.
+        eaft_top_k (`int`, *optional*, defaults to `20`):
+            `k` of `eaft_entropy="topk"`; must be >= 2.
+    """
+
+    token_loss: str = field(
+        default="idft",
+        metadata={"help": "Token loss: 'idft' (default), 'dft', 'eaft' or 'nll' (plain SFT).", "choices": list(TOKEN_LOSS_TYPES)},
+    )
+    idft_beta: float = field(default=1.0, metadata={"help": "IDFT beta in gamma = clamp(exp(-phi/beta), ...); > 0."})
+    idft_gamma_min: float = field(default=0.1, metadata={"help": "Lower clamp of IDFT's gamma (>= 0)."})
+    idft_gamma_max: float = field(default=2.0, metadata={"help": "Upper clamp of IDFT's gamma (>= idft_gamma_min)."})
+    idft_warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of max_steps with lambda = 0 (gamma = 1, i.e. DFT)."}
+    )
+    idft_transition_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of max_steps over which lambda ramps linearly from 0 to 1."}
+    )
+    idft_detach: str = field(
+        default="weight",
+        metadata={"help": "'weight': -sg(p^gamma) log p (current); 'gamma': -p^sg(gamma) log p (paper v1).", "choices": list(IDFT_DETACH_MODES)},
+    )
+    eaft_entropy: str = field(
+        default="topk",
+        metadata={"help": "'topk': top-k renormalised entropy / ln k (EAFT paper); 'full': H / ln|V|.", "choices": list(EAFT_ENTROPY_MODES)},
+    )
+    eaft_top_k: int = field(default=20, metadata={"help": "k for eaft_entropy='topk' (>= 2)."})
+
+    def __post_init__(self):
+        # TRL defaults to bf16 mixed precision, which fails on a machine without an accelerator: default to fp32 there
+        if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
+            self.bf16 = False
+        self._validate_token_loss()
+        super().__post_init__()
+
+    def _validate_token_loss(self):
+        def bad(field_name, value, why):
+            raise ValueError(f"IDFTConfig.{field_name}={value!r} is invalid: {why}")
+
+        if self.token_loss not in TOKEN_LOSS_TYPES:
+            bad("token_loss", self.token_loss, f"choose one of {list(TOKEN_LOSS_TYPES)}.")
+        if self.idft_detach not in IDFT_DETACH_MODES:
+            bad("idft_detach", self.idft_detach, f"choose one of {list(IDFT_DETACH_MODES)}.")
+        if self.eaft_entropy not in EAFT_ENTROPY_MODES:
+            bad("eaft_entropy", self.eaft_entropy, f"choose one of {list(EAFT_ENTROPY_MODES)}.")
+        if not self.eaft_top_k >= 2:
+            bad("eaft_top_k", self.eaft_top_k, "the top-k entropy needs k >= 2 (the paper uses 20).")
+        if not self.idft_beta > 0:
+            bad("idft_beta", self.idft_beta, "beta divides phi and must be > 0 (the paper uses 1.0).")
+        for name in ("idft_gamma_min", "idft_gamma_max"):
+            if not getattr(self, name) >= 0:
+                bad(name, getattr(self, name), "gamma is an exponent of p and must be >= 0.")
+        if self.idft_gamma_min > self.idft_gamma_max:
+            bad("idft_gamma_min", self.idft_gamma_min, f"it exceeds idft_gamma_max={self.idft_gamma_max}.")
+        for name in ("idft_warmup_ratio", "idft_transition_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                bad(name, getattr(self, name), "a fraction of training must lie in [0, 1].")
+        if self.idft_warmup_ratio + self.idft_transition_ratio > 1.0:
+            bad(
+                "idft_transition_ratio",
+                self.idft_transition_ratio,
+                f"idft_warmup_ratio + idft_transition_ratio = {self.idft_warmup_ratio + self.idft_transition_ratio} > 1.",
+            )
+        if self.loss_type not in ("nll", "chunked_nll"):
+            bad(
+                "loss_type",
+                self.loss_type,
+                "IDFTConfig chooses the loss with `token_loss`; leave TRL's `loss_type` at 'nll' "
+                f"(for DFT set token_loss='dft').",
+            )
+        if self.label_smoothing_factor:
+            bad("label_smoothing_factor", self.label_smoothing_factor, "label smoothing is not part of the token-loss family; set it to 0.")
