@@ -68,6 +68,14 @@ class IDFTConfig(SFTConfig):
             full-vocabulary entropy divided by `ln |V|`.
         eaft_top_k (`int`, *optional*, defaults to `20`):
             `k` of `eaft_entropy="topk"`; must be >= 2.
+
+    > Defaults that differ from [`~trl.SFTConfig`]: `bf16` left unset defaults to `True` as in SFTConfig when an
+    > accelerator is used, and to `False` (float32) with `use_cpu=True` or on a machine without one, where SFTConfig's
+    > default fails. An explicit `bf16`/`fp16` behaves as in SFTConfig.
+
+    Combinations the trainer cannot honour raise a `ValueError` naming the field: TRL's own `loss_type` other than
+    `"nll"` (choose the loss with `token_loss`), `label_smoothing_factor > 0`, and sequence or context parallelism
+    in `parallelism_config`.
     """
 
     token_loss: str = field(
@@ -134,6 +142,14 @@ class IDFTConfig(SFTConfig):
                 self.loss_type,
                 "IDFTConfig chooses the loss with `token_loss`; leave TRL's `loss_type` at 'nll' "
                 f"(for DFT set token_loss='dft').",
+            )
+        pc = self.parallelism_config
+        if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
+            bad(
+                "parallelism_config",
+                f"sp_size={getattr(pc, 'sp_size', None)}, cp_size={getattr(pc, 'cp_size', None)}",
+                "IDFTTrainer does not support sequence or context parallelism (the model reduces the loss itself "
+                "there); set sp_size=1 and cp_size=1.",
             )
         if self.label_smoothing_factor:
             bad("label_smoothing_factor", self.label_smoothing_factor, "label smoothing is not part of the token-loss family; set it to 0.")

@@ -32,6 +32,11 @@ IDFT_DETACH_MODES = ("weight", "gamma")
 EAFT_ENTROPY_MODES = ("topk", "full")
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Detached copy in at least float32 (float64 inputs stay float64, so references can check to 1e-12)."""
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+
+
 def centered_log_likelihood(log_probs: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
     """Distribution Discriminant Theory's per-token statistic, the centered log-likelihood.
 
@@ -40,7 +45,7 @@ def centered_log_likelihood(log_probs: torch.Tensor, entropy: torch.Tensor) -> t
     For a token sampled from the model itself ``E[phi] = 0``; off-policy tokens (a confident model disagreeing with
     the label) give ``phi << 0``. The result carries no gradient.
     """
-    return (log_probs.detach() + entropy.detach()).float()
+    return _upcast(log_probs) + _upcast(entropy)
 
 
 def idft_schedule(progress: float | None, warmup_ratio: float = 0.0, transition_ratio: float = 0.0) -> float:
@@ -74,13 +79,13 @@ def idft_gamma(
     ``schedule = 0`` gives gamma = 1 everywhere, i.e. exactly DFT. The result carries no gradient.
     """
     # exp(-phi/beta) overflows to inf for very negative phi, which the clamp maps to gamma_max as intended
-    g = torch.exp(-phi.detach().float() / beta).clamp(min=gamma_min, max=gamma_max)
-    return 1.0 + schedule * (g - 1.0)
+    g = torch.exp(-_upcast(phi) / beta).clamp(min=gamma_min, max=gamma_max)
+    return g if schedule == 1.0 else 1.0 + schedule * (g - 1.0)  # exact clamp values once the schedule is complete
 
 
 def normalized_entropy(entropy: torch.Tensor, num_classes: int | torch.Tensor) -> torch.Tensor:
     """Entropy divided by its maximum ``ln(num_classes)``, a value in [0, 1]. No gradient."""
-    return entropy.detach().float() / math.log(num_classes)
+    return _upcast(entropy) / math.log(num_classes)
 
 
 def topk_entropy_from_logits(logits: torch.Tensor, k: int = 20) -> torch.Tensor:
@@ -89,7 +94,7 @@ def topk_entropy_from_logits(logits: torch.Tensor, k: int = 20) -> torch.Tensor:
     Works on ``[..., V]`` logits; callers that cannot hold full logits use `trl_onpolicy.ops.token_statistics`,
     which computes the same value tile by tile.
     """
-    top = logits.float().topk(min(k, logits.shape[-1]), dim=-1).values
+    top = logits.to(torch.promote_types(logits.dtype, torch.float32)).topk(min(k, logits.shape[-1]), dim=-1).values
     log_q = top.log_softmax(dim=-1)
     return -(log_q.exp() * log_q).sum(-1)
 
@@ -113,7 +118,7 @@ def token_weights(
     weight is ``eaft_entropy / ln(eaft_num_classes)``.
     """
     out: dict[str, torch.Tensor] = {}
-    lp = log_probs.detach().float()
+    lp = _upcast(log_probs)
     if loss_type == "nll":
         out["weight"] = torch.ones_like(lp)
     elif loss_type == "dft":
@@ -157,8 +162,9 @@ def token_loss(
         raise ValueError(f"Unknown IDFT detach mode {detach!r}; expected one of {IDFT_DETACH_MODES}.")
     stats = token_weights(loss_type, log_probs, entropy, **weight_kwargs)
     if loss_type == "idft" and detach == "gamma":
-        weight = torch.exp(stats["gamma"] * log_probs.float())  # differentiable through p, not through gamma
+        # differentiable through p, not through gamma
+        weight = torch.exp(stats["gamma"] * log_probs.to(stats["gamma"].dtype))
     else:
         weight = stats["weight"]
-    per_token = -(weight * log_probs.float())
+    per_token = -(weight * log_probs.to(weight.dtype))
     return per_token.to(log_probs.dtype), stats

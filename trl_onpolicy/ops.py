@@ -17,11 +17,21 @@ from torch import nn
 
 
 def lm_head_transform(model: nn.Module) -> dict:
-    """Logit transforms a model applies after its LM head projection (scale, soft-capping), read from its config."""
+    """Logit transforms a model applies after its LM head projection (scale, soft-capping), read from its config.
+
+    Mirrors what TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) reads, so that `token_statistics` scores
+    the same distribution that the trainer's loss sees.
+    """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     scale = getattr(config, "logit_scale", None)
-    if scale is None and getattr(config, "logits_scaling", None):
-        scale = 1.0 / config.logits_scaling
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide the logits by `logits_scaling`; HyperCLOVA X multiplies them by it
+        scaling = config.logits_scaling
+        scale = scaling if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / scaling
     return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": getattr(config, "final_logit_softcapping", None)}
 
 
@@ -57,10 +67,10 @@ def token_statistics(
     for t0 in range(0, n_tokens, token_chunk):
         h = hidden[t0 : t0 + token_chunk]
         n = h.shape[0]
-        run_max = torch.full((n,), float("-inf"), **f32)
-        run_w = torch.zeros(n, **f32)  # sum exp(z - run_max)
-        run_mu = torch.zeros(n, **f32)  # p-weighted mean of z
-        run_m2 = torch.zeros(n, **f32)  # sum exp(z - run_max) * (z - run_mu)^2
+        # Running moments of each row's softmax over the tiles seen so far, all relative to the running max so that
+        # large logits (|z| ~ 1e4) lose no precision to cancellation: run_w = sum exp(z - run_max), run_mu = E_p[z] -
+        # run_max, run_m2 = sum exp(z - run_max) * (z - E_p[z])^2.
+        run_max = run_w = run_mu = run_m2 = None
         target_z = torch.zeros(n, **f32)
         top = None
         for v0 in range(0, vocab, vocab_chunk):
@@ -74,19 +84,25 @@ def token_statistics(
             z = z / temperature
 
             t_max = z.max(-1).values
-            e = torch.exp(z - t_max[:, None])
+            d = z - t_max[:, None]
+            e = torch.exp(d)
             t_w = e.sum(-1)
-            t_mu = (e * z).sum(-1) / t_w
-            t_m2 = (e * (z - t_mu[:, None]) ** 2).sum(-1)
+            t_mu = (e * d).sum(-1) / t_w
+            t_m2 = (e * (d - t_mu[:, None]) ** 2).sum(-1)
 
-            new_max = torch.maximum(run_max, t_max)
-            a = run_w * torch.exp(run_max - new_max)
-            b = t_w * torch.exp(t_max - new_max)
-            total = a + b
-            delta = t_mu - run_mu
-            run_m2 = run_m2 * torch.exp(run_max - new_max) + t_m2 * torch.exp(t_max - new_max) + delta**2 * a * b / total
-            run_mu = run_mu + delta * b / total
-            run_w, run_max = total, new_max
+            if run_max is None:
+                run_max, run_w, run_mu, run_m2 = t_max, t_w, t_mu, t_m2
+            else:
+                # Chan et al.'s merge of two weighted moment sets, both re-expressed relative to the new max
+                new_max = torch.maximum(run_max, t_max)
+                scale_a, scale_b = torch.exp(run_max - new_max), torch.exp(t_max - new_max)
+                a, b = run_w * scale_a, t_w * scale_b
+                total = a + b
+                mu_a, mu_b = run_mu + (run_max - new_max), t_mu + (t_max - new_max)
+                delta = mu_b - mu_a
+                run_m2 = run_m2 * scale_a + t_m2 * scale_b + delta**2 * a * b / total
+                run_mu = mu_a + delta * b / total
+                run_w, run_max = total, new_max
 
             if targets is not None:
                 local = targets[t0 : t0 + n] - v0
@@ -98,12 +114,12 @@ def token_statistics(
                 cand = z.topk(k, dim=-1).values
                 top = cand if top is None else torch.cat([top, cand], -1).topk(min(top_k, top.shape[1] + k), -1).values
 
-        log_z = run_max + torch.log(run_w)
+        log_w = torch.log(run_w)
         sl = slice(t0, t0 + n)
-        out["entropy"][sl] = log_z - run_mu
+        out["entropy"][sl] = log_w - run_mu
         out["varentropy"][sl] = (run_m2 / run_w).clamp(min=0)
         if targets is not None:
-            out["log_probs"][sl] = target_z - log_z
+            out["log_probs"][sl] = (target_z - run_max) - log_w
             out["is_top1"][sl] = target_z >= run_max
         if top_k is not None:
             log_q = top.log_softmax(-1)

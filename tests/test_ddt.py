@@ -1,0 +1,328 @@
+"""DDT diagnostics: statistics against a float64 recomputation, on-policy calibration on a briefly trained tiny model,
+TRL tokenization parity, CLI/API agreement, bad input, filtering, and a 2-process run."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import arithmetic_examples
+from trl_onpolicy import score_dataset
+from trl_onpolicy.ddt import (
+    SKIP_REASONS,
+    filter_dataset,
+    sample_own_responses,
+    sample_statistics,
+    score_token_ids,
+)
+from trl_onpolicy.ddt_cli import filter_main, main
+from trl_onpolicy.tiny import make_tiny_model
+
+
+def _train(model, tok, rows, steps=30, seed=0):
+    """A few dozen AdamW steps on full sequences: enough to make the model far from uniform (a few seconds)."""
+    seqs = [tok(r["prompt"] + r["completion"] + tok.eos_token)["input_ids"] for r in rows]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    labels = ids.masked_fill(attn == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        b = torch.randperm(len(seqs), generator=gen)[:16]
+        model(input_ids=ids[b], attention_mask=attn[b], labels=labels[b]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_tokenizer, tmp_path_factory):
+    """(model, tokenizer, saved folder) of a tiny model trained on plain arithmetic text for 30 steps."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ddt-trained")
+    # the CLI reads the tokenizer back from the folder, where (next to a Qwen2 config.json) transformers loads it as
+    # a Qwen2Tokenizer that splits digits differently from the in-memory one: train and score with the reloaded one
+    model, _ = make_tiny_model(tiny_tokenizer)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    _train(model, tok, arithmetic_examples(64, conversational=False))
+    model.save_pretrained(path)
+    return model, tok, path
+
+
+def _reference_sample(model, ids, mask):
+    """Float64 full-softmax phi, varentropy and z of one sequence's masked tokens (independent of the tiled code)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    lp = logits.log_softmax(-1)[:-1]
+    p = lp.exp()
+    entropy = -(p * lp).sum(-1)
+    varentropy = (p * (lp + entropy[:, None]) ** 2).sum(-1)
+    targets = torch.tensor(ids[1:])
+    phi = lp.gather(-1, targets[:, None]).squeeze(-1) + entropy
+    keep = torch.tensor(mask[1:]).bool()
+    phi, varentropy = phi[keep], varentropy[keep]
+    return phi.numpy(), varentropy.numpy(), (phi.sum() / varentropy.sum().sqrt()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_statistics_match_float64_full_softmax(tiny_tokenizer):
+    # Qwen-style model with more output rows than tokenizer entries, and small tiles so that several are merged
+    model, tok = make_tiny_model(tiny_tokenizer, extra_vocab=37, seed=3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # peaked, non-uniform distributions
+    rows = arithmetic_examples(6)
+    result = score_dataset(model, tok, rows, vocab_chunk=100, token_chunk=7, batch_size=4, progress=False)
+    from trl_onpolicy.ddt import Encoder
+
+    enc = Encoder(tok, "prompt_completion")
+    for row, record, arrays in zip(rows, result.samples, result.tokens):
+        ids, mask = enc(row)
+        phi, var, z = _reference_sample(model, ids, mask)
+        np.testing.assert_allclose(arrays["phi"], phi, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(arrays["varentropy"], var, atol=2e-4, rtol=1e-3)
+        assert record["num_tokens"] == len(phi) == sum(mask[1:])
+        assert record["z"] == pytest.approx(z, rel=1e-3, abs=1e-3)
+        assert record["mean_phi"] == pytest.approx(phi.mean(), abs=1e-4)
+        for t in (-1, -3, -5):
+            assert record[f"frac_phi_gt_{t}"] == pytest.approx((phi > t).mean())
+        worst = record["worst_tokens"]
+        assert worst[0]["phi"] == pytest.approx(phi.min(), abs=2e-4)
+        assert [w["phi"] for w in worst] == sorted(w["phi"] for w in worst)
+    assert max(abs(v) for v in np.concatenate([a["phi"] for a in result.tokens])) > 0.5  # not a trivial model
+    all_phi = np.concatenate([a["phi"] for a in result.tokens])
+    assert result.summary["mean_phi"] == pytest.approx(all_phi.mean(), abs=1e-6)
+    assert result.summary["std_phi"] == pytest.approx(all_phi.std(), abs=1e-6)
+    assert sum(result.summary["phi_histogram"]["counts"]) == len(all_phi)
+
+
+def test_sample_statistics_pure():
+    phi, var = np.array([0.5, -1.5, -4.0, -6.0]), np.array([1.0, 2.0, 0.5, 0.5])
+    s = sample_statistics(phi, var)
+    assert s["sum_phi"] == pytest.approx(-11.0) and s["mean_phi"] == pytest.approx(-2.75)
+    assert s["z"] == pytest.approx(-11.0 / 2.0)
+    assert (s["frac_phi_gt_-1"], s["frac_phi_gt_-3"], s["frac_phi_gt_-5"]) == (0.25, 0.5, 0.75)
+    assert math.isnan(sample_statistics(np.zeros(2), np.zeros(2))["z"])
+
+
+def test_own_samples_centered_foreign_negative(trained):
+    model, tok, _ = trained
+    rows = arithmetic_examples(64, conversational=False)
+    own = sample_own_responses(model, tok, rows, max_new_tokens=24, batch_size=32, seed=0, progress=False)
+    assert [o["index"] for o in own] == list(range(len(rows)))
+    scored = score_dataset(model, tok, [{"prompt_ids": o["prompt_ids"], "completion_ids": o["completion_ids"]} for o in own],
+                           max_length=None, progress=False)
+    s = scored.summary
+    assert s["num_tokens"] > 500
+    assert s["mean_entropy"] > 0.2  # the model is not deterministic, so the test has power
+    # E[phi] = 0 for own samples; the martingale sum has variance sum(varentropy): z ~ N(0, 1)
+    standard_error = math.sqrt(s["mean_varentropy"] / s["num_tokens"])
+    assert abs(s["mean_phi"]) < 4 * standard_error, (s["mean_phi"], standard_error)
+    assert abs(s["corpus_z"]) < 4
+
+    # foreign responses: the completion's tokens shuffled, and an unrelated sentence
+    rng = random.Random(0)
+
+    def shuffled(text):
+        ids = tok(text)["input_ids"]
+        rng.shuffle(ids)
+        return tok.decode(ids)
+
+    token_shuffled = [{"prompt": r["prompt"], "completion": shuffled(r["completion"])} for r in rows]
+    foreign = [{"prompt": r["prompt"], "completion": "The quick brown fox jumps over the lazy dog."} for r in rows]
+    for data in (token_shuffled, foreign):
+        f = score_dataset(model, tok, data, progress=False).summary
+        assert f["mean_phi"] < -1.0 and f["corpus_z"] < -20
+        assert f["frac_phi_gt_-1"] < s["frac_phi_gt_-1"]
+
+
+def _trl_prepared(tok, rows, assistant_only_loss=False):
+    from trl import SFTConfig, SFTTrainer
+
+    model, _ = make_tiny_model(tok)
+    args = SFTConfig(output_dir="/tmp/unused-ddt", use_cpu=True, bf16=False, report_to=[], max_length=None,
+                     assistant_only_loss=assistant_only_loss, dataset_num_proc=None, shuffle_dataset=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return trainer.train_dataset
+
+
+@pytest.mark.parametrize("fmt", ["conversational", "plain", "messages", "text"])
+def test_tokenization_matches_sft_trainer(tiny_tokenizer, fmt):
+    """The scored tokens are exactly the tokens SFTTrainer trains on (its labels != -100)."""
+    from trl_onpolicy.ddt import Encoder, detect_format
+
+    base = arithmetic_examples(4, conversational=fmt != "plain")
+    if fmt == "messages":
+        rows = [{"messages": r["prompt"] + r["completion"]} for r in base]
+    elif fmt == "text":
+        rows = [{"text": r["prompt"] + r["completion"]} for r in arithmetic_examples(4, conversational=False)]
+    else:
+        rows = base
+    prepared = _trl_prepared(tiny_tokenizer, rows, assistant_only_loss=fmt == "messages")
+    enc = Encoder(tiny_tokenizer, detect_format(list(rows[0])))
+    for row, ref in zip(rows, prepared):
+        ids, mask = enc(row)
+        assert ids == ref["input_ids"]
+        ref_mask = [int(label != -100) for label in ref["labels"]]
+        assert mask[1:] == ref_mask[1:]  # position 0 has no context and is never scored
+
+
+def test_api_and_cli_agree(trained, tmp_path):
+    model, tok, path = trained
+    rows = arithmetic_examples(12)
+    data = tmp_path / "data.jsonl"
+    Dataset.from_list(rows).to_json(str(data), lines=True)
+    api = score_dataset(model, tok, rows, batch_size=5, progress=False)
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_name_or_path: {path}\ndataset_name: {data}\nbatch_size: 3\n")
+    assert main(["--config", str(recipe), "--output_dir", str(out), "--compare_self_samples",
+                 "--max_new_tokens", "8", "--no_progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("mean_phi", "std_phi", "mean_z", "frac_phi_gt_-1", "frac_phi_gt_-3", "frac_phi_gt_-5"):
+        assert summary[key] == pytest.approx(api.summary[key], abs=1e-5), key
+    assert summary["num_tokens"] == api.summary["num_tokens"] and summary["num_samples"] == len(rows)
+    assert summary["skipped"] == {}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in samples] == list(range(len(rows)))
+    assert [s["mean_phi"] for s in samples] == pytest.approx([s["mean_phi"] for s in api.samples], abs=1e-5)
+    own = summary["self_samples"]
+    assert own["num_samples"] == len(rows) and own["num_tokens"] > 0
+    assert (out / "self_samples.jsonl").exists()
+    assert (out / "phi.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input(tiny_tokenizer):
+    model, tok = make_tiny_model(tiny_tokenizer)
+    with pytest.raises(ValueError, match="Accepted formats"):
+        score_dataset(model, tok, [{"question": "a", "answer": "b"}], progress=False)
+    with pytest.raises(ValueError, match="lacks \\['completion'\\]"):
+        score_dataset(model, tok, [{"prompt": "a"}], progress=False)
+
+    rows = arithmetic_examples(3, conversational=False)
+    rows.append({"prompt": "What is 1 + 1? ", "completion": ""})  # empty completion
+    rows.append({"prompt": "What is 1 + 1? ", "completion": " 2" * 300})  # longer than max_length
+    rows.append({"prompt": None, "completion": "2"})  # invalid row
+    result = score_dataset(model, tok, rows, max_length=64, progress=False)
+    assert result.summary["skipped"] == {"empty_completion": 1, "too_long": 1, "invalid_row": 1}
+    assert result.summary["num_samples"] == 3 and result.summary["num_rows"] == 6
+    assert [s["skipped"] for s in result.samples[3:]] == ["empty_completion", "too_long", "invalid_row"]
+    assert set(result.summary["skipped"]) <= set(SKIP_REASONS)
+
+    conv = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}]
+    assert score_dataset(model, tok, conv, progress=False).summary["skipped"] == {"empty_completion": 1}
+
+    import copy
+
+    tok_plain = copy.deepcopy(tok)
+    tok_plain.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        score_dataset(model, tok_plain, arithmetic_examples(2), progress=False)
+    with pytest.raises(ValueError, match="no chat template"):
+        score_dataset(model, tok_plain, [{"messages": arithmetic_examples(1)[0]["prompt"]}], progress=False)
+
+    # token ids that do not fit the model: a tokenizer larger than the model's vocabulary is refused ...
+    small = make_tiny_model(tok, extra_vocab=-10)[0]
+    with pytest.raises(ValueError, match="do not fit"):
+        score_dataset(small, tok, arithmetic_examples(2), progress=False)
+    # ... a model vocabulary larger than the tokenizer is fine ...
+    big = make_tiny_model(tok, extra_vocab=64)[0]
+    assert score_dataset(big, tok, arithmetic_examples(2), progress=False).summary["num_samples"] == 2
+    # ... and pre-tokenized ids outside the model's vocabulary are counted
+    pre = [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]}, {"prompt_ids": [1, 2], "completion_ids": [4, len(tok) + 64]},
+           {"prompt_ids": [1], "completion_ids": []}, {"prompt_ids": [1], "completion_ids": [-3]}]
+    s = score_dataset(big, tok, pre, progress=False).summary
+    assert s["skipped"] == {"token_out_of_vocab": 2, "empty_completion": 1} and s["num_samples"] == 1
+
+
+def test_score_token_ids_order_and_batching(trained):
+    model, tok, _ = trained
+    seqs = [tok(r["prompt"] + r["completion"])["input_ids"] for r in arithmetic_examples(7, conversational=False)]
+    seqs[3] = seqs[3] + seqs[3]  # different lengths, so sorting changes the order
+    masks = [[1] * len(s) for s in seqs]
+    one = score_token_ids(model, seqs, masks, batch_size=1)
+    many = score_token_ids(model, seqs, masks, batch_size=4, max_tokens_per_batch=60)
+    for a, b, s in zip(one, many, seqs):
+        assert len(a["phi"]) == len(s) - 1
+        np.testing.assert_allclose(a["phi"], b["phi"], atol=1e-4)
+        assert list(a["token_ids"]) == s[1:]
+
+
+def test_filtering(trained, tmp_path):
+    model, tok, path = trained
+    rows = arithmetic_examples(10, conversational=False)
+    rows += [{"prompt": r["prompt"], "completion": "The quick brown fox jumps over the lazy dog."} for r in rows[:5]]
+    rows.append({"prompt": "What is 2 + 2? ", "completion": ""})
+    data = Dataset.from_list(rows)
+    result = score_dataset(model, tok, data, progress=False)
+    means = [s.get("mean_phi") for s in result.samples]
+    threshold = -1.0
+    expected = [m is not None and m >= threshold for m in means]
+    kept, report = filter_dataset(data, result, by="mean_phi", min_value=threshold)
+    assert report["kept"] == sum(expected) == len(kept) and report["dropped"] == len(rows) - sum(expected)
+    assert report["dropped_unscored"] == 1
+    assert 0 < report["kept"] < len(rows) - 1  # the foreign rows are dropped, the in-distribution ones kept
+    assert kept.column_names == data.column_names
+    assert [r["completion"] for r in kept] == [r["completion"] for r, e in zip(rows, expected) if e]
+    inverted, rep2 = filter_dataset(data, result, by="mean_phi", min_value=threshold, invert=True)
+    assert rep2["kept"] == len(rows) - report["kept"] - 1
+    _, rep3 = filter_dataset(data, result, by="z", max_value=0.0, keep_unscored=True)
+    assert rep3["kept"] == sum(1 for s in result.samples if s["skipped"] or s["z"] <= 0)
+    with pytest.raises(ValueError, match="Cannot filter by"):
+        filter_dataset(data, result, by="phi", min_value=0)
+    with pytest.raises(ValueError, match="cover"):
+        filter_dataset(data.select(range(5)), result, min_value=0)
+
+    # the CLI: score with `ddt`, filter with its samples.jsonl, same format (jsonl) and columns
+    src = tmp_path / "data.jsonl"
+    data.to_json(str(src), lines=True)
+    assert main(["--model_name_or_path", str(path), "--dataset_name", str(src), "--output_dir", str(tmp_path / "s"),
+                 "--no_progress"]) == 0
+    assert filter_main(["--dataset_name", str(src), "--scores_file", str(tmp_path / "s" / "samples.jsonl"),
+                        "--filter_by", "mean_phi", "--min_value", str(threshold), "--output_dir", str(tmp_path / "f")]) == 0
+    report_cli = json.loads((tmp_path / "f" / "filter_report.json").read_text())
+    assert (report_cli["kept"], report_cli["dropped"]) == (report["kept"], report["dropped"])
+    out_rows = [json.loads(line) for line in (tmp_path / "f" / "filtered.jsonl").read_text().splitlines()]
+    assert out_rows == [dict(r) for r in kept]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(trained, tmp_path):
+    """torchrun with 2 CPU processes splits the rows and gathers the same results as one process."""
+    model, tok, path = trained
+    rows = arithmetic_examples(9)
+    data = tmp_path / "data.jsonl"
+    Dataset.from_list(rows).to_json(str(data), lines=True)
+    api = score_dataset(model, tok, rows, progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "trl_onpolicy.ddt_cli", "--model_name_or_path", str(path), "--dataset_name", str(data),
+           "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--no_progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["num_samples"] == len(rows) and summary["num_tokens"] == api.summary["num_tokens"]
+    assert summary["mean_phi"] == pytest.approx(api.summary["mean_phi"], abs=1e-5)
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [s["mean_phi"] for s in samples] == pytest.approx([s["mean_phi"] for s in api.samples], abs=1e-5)

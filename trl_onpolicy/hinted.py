@@ -1,0 +1,593 @@
+"""Hinted Decoding: sample from a geometric mixture of two streams of one model (method.md section 3).
+
+For every sample there are two prompts: the *hinted* prompt (question + reference solution, distribution ``p``)
+and the *plain* prompt (the ordinary training prompt, distribution ``q``). Both streams advance in lock-step and
+every chosen token is appended to both. At each step
+
+    Hn     = H(p) / ln V                      (V = size of the model's output distribution, logits.shape[-1])
+    lambda = f(Hn)                            (see `mixing_lambda`)
+    log m  = (1 - lambda) log p + lambda log q, renormalised
+
+and the next token is drawn from ``m``. The first token comes from the hinted stream alone (lambda = 0); once the
+``splitter`` string appears in the decoded output only the plain stream decodes (lambda = 1).
+
+Unlike the authors' loop (one sample, full-prefix recompute per token), `hinted_decode` batches samples, keeps a
+KV cache, left-pads prompts with a proper attention mask and position ids, and advances the hinted and plain rows
+of all samples in one forward pass per step (a batch of ``2 * B`` rows). Finished rows (and hinted rows after the
+splitter) are dropped from the cache as they finish.
+
+The small pure functions (`normalized_entropy`, `mixing_lambda`, `mix_log_probs`, `top_p_filter`,
+`select_tokens`, `repetition_counts`) hold the math; `hinted_decode` is the batching loop around them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+LAMBDA_MODES = ("linear", "sigmoid", "piecewise")
+SAMPLING_ORDERS = ("top_p_first", "temperature_first")
+
+__all__ = [
+    "HintedResult",
+    "hinted_decode",
+    "mixing_lambda",
+    "mix_log_probs",
+    "normalized_entropy",
+    "repetition_counts",
+    "select_tokens",
+    "top_p_filter",
+    "resolve_eos_token_ids",
+]
+
+
+@dataclass
+class HintedResult:
+    """One sample's output of `hinted_decode`.
+
+    - ``token_ids``: generated ids, including the EOS id that ended the sample (if any);
+    - ``finish_reason``: ``"eos"``, ``"length"`` (max_new_tokens reached) or ``"repetition"`` (repetition guard);
+    - ``lambda_mean``: mean mixing weight over the generated tokens (0 = hinted stream, 1 = plain stream),
+      counting the first token (0) and tokens after the splitter (1);
+    - ``lambdas``: the per-token weights (only with ``return_lambdas=True``);
+    - ``entropy_mean``: mean normalised entropy ``H(p)/ln V`` of the hinted stream over the mixed steps
+      (None if no step was mixed);
+    - ``splitter_pos``: number of tokens generated when the splitter first appeared in the decoded text (tokens
+      from this index on were decoded by the plain stream alone), or None.
+    """
+
+    token_ids: list[int]
+    finish_reason: str
+    lambda_mean: float
+    lambdas: list[float] | None = None
+    entropy_mean: float | None = None
+    splitter_pos: int | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure math
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def normalized_entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of normalised ``log_probs`` ([..., V]) divided by ``ln V``; float32 in [0, 1]."""
+    log_probs = log_probs.float()
+    probs = log_probs.exp()
+    # 0 * log 0 = 0 (rows may hold -inf for masked tokens)
+    plogp = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
+    return -plogp.sum(-1) / math.log(log_probs.shape[-1])
+
+
+def mixing_lambda(
+    hn: torch.Tensor,
+    mode: str = "linear",
+    *,
+    beta: float = 3.0,
+    center: float = 0.5,
+    h1: float = 0.1,
+    h2: float = 0.4,
+) -> torch.Tensor:
+    """Weight of the plain stream as a function of the hinted stream's normalised entropy ``hn``.
+
+    - ``linear``:    ``clamp(beta * hn, 0, 1)`` (the authors' default);
+    - ``sigmoid``:   ``sigmoid(beta * (hn - center))``;
+    - ``piecewise``: 0 for ``hn <= h1``, 1 for ``hn >= h2``, linear in between, ``(hn - h1) / (h2 - h1)``
+      (``beta`` is not used in this mode).
+    """
+    hn = hn.float()
+    if mode == "linear":
+        return (beta * hn).clamp(0.0, 1.0)
+    if mode == "sigmoid":
+        return torch.sigmoid(beta * (hn - center))
+    if mode == "piecewise":
+        return ((hn - h1) / (h2 - h1)).clamp(0.0, 1.0)
+    raise ValueError(f"lambda_mode must be one of {LAMBDA_MODES}, got {mode!r}.")
+
+
+def mix_log_probs(log_p: torch.Tensor, log_q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Normalised log of the geometric mixture ``p^(1-lam) q^lam`` (rows of [..., V]; ``lam`` of shape [...]).
+
+    Exact at ``lam`` = 0 or 1 even where a distribution holds ``-inf`` (no ``0 * inf``)."""
+    lam = lam.float().unsqueeze(-1)
+    log_p, log_q = log_p.float(), log_q.float()
+    mixed = (1.0 - lam) * log_p + lam * log_q
+    mixed = torch.where(lam == 0, log_p, torch.where(lam == 1, log_q, mixed))
+    return mixed - mixed.logsumexp(-1, keepdim=True)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to ``-inf`` every logit outside the nucleus: the smallest set of most likely tokens whose probability
+    (under ``softmax(logits)``) reaches ``top_p``. The most likely token is always kept."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly before each token
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def select_tokens(
+    log_m: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    generators: Sequence[torch.Generator | None] | torch.Generator | None = None,
+    order: str = "top_p_first",
+) -> torch.Tensor:
+    """Pick one token per row of the mixture log-probabilities ``log_m`` ([R, V]) -> [R] long.
+
+    ``temperature == 0`` is greedy (argmax). Otherwise ``order="top_p_first"`` (method.md: "top-p 0.95 then
+    temperature 0.3") keeps the nucleus of the mixture itself and then sharpens what is left by ``1/temperature``;
+    ``"temperature_first"`` is Hugging Face ``generate``'s order (temperature, then the nucleus of the tempered
+    distribution, which is smaller). ``generators``: one generator for all rows, or one per row (then a row's
+    draw depends only on its own generator, not on the other rows).
+    """
+    if temperature == 0:
+        return log_m.argmax(-1)
+    if order == "top_p_first":
+        logits = top_p_filter(log_m, top_p) / temperature
+    elif order == "temperature_first":
+        logits = top_p_filter(log_m / temperature, top_p)
+    else:
+        raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got {order!r}.")
+    probs = logits.softmax(-1)
+    if generators is None or isinstance(generators, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
+    rows = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(rows)
+
+
+def repetition_counts(tokens: torch.Tensor, window: int) -> torch.Tensor:
+    """For each row of ``tokens`` ([B, n], all rows of equal length), how many times its last ``window`` tokens
+    occur in the row (overlapping occurrences count, the last one included). 0 if the row is shorter than
+    ``window``. A loop of period ``k <= window`` reaches count ``c`` after ``window + (c - 1) * k`` tokens."""
+    n = tokens.shape[-1]
+    if n < window:
+        return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    windows = tokens.unfold(-1, window, 1)  # [B, n - window + 1, window]
+    last = tokens[:, n - window :].unsqueeze(1)
+    return (windows == last).all(-1).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input handling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_id_lists(ids, name: str) -> list[list[int]]:
+    if isinstance(ids, torch.Tensor):
+        raise ValueError(
+            f"{name} must be a list with one prompt per sample (lists of ints or 1-D tensors), not a single tensor; "
+            f"a padded 2-D tensor would make padding part of the prompt. Use [row[mask.bool()].tolist() ...]."
+        )
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"{name} must be a list of token-id lists (one per sample), got {type(ids).__name__}.")
+    out = []
+    for i, row in enumerate(ids):
+        if isinstance(row, torch.Tensor):
+            if row.dim() != 1:
+                raise ValueError(f"{name}[{i}] must be a 1-D tensor of token ids, got shape {tuple(row.shape)}.")
+            row = row.tolist()
+        elif isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise ValueError(f"{name}[{i}] must be a list of token ids (did you pass text? tokenize it first).")
+        row = [int(t) for t in row]
+        if not row:
+            raise ValueError(f"{name}[{i}] is empty: every prompt needs at least one token.")
+        out.append(row)
+    return out
+
+
+def _output_vocab_size(model) -> int | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2 and weight.shape[0] > 0:
+        return int(weight.shape[0])
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    size = getattr(config, "vocab_size", None)
+    return int(size) if size else None
+
+
+def resolve_eos_token_ids(model, tokenizer, eos_token_ids=None) -> list[int]:
+    """The ids that end a sample: ``eos_token_ids`` if given, else the model's ``generation_config.eos_token_id``
+    (an int or a list) together with the tokenizer's ``eos_token_id``; falls back to ``config.eos_token_id``."""
+    if eos_token_ids is not None:
+        ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+        return sorted({int(i) for i in ids})
+    found: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            found.update([value] if isinstance(value, int) else value)
+            break
+    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if tok_eos is not None:
+        found.add(int(tok_eos))
+    return sorted(int(i) for i in found)
+
+
+def _validate(beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, max_new_tokens, temperature, top_p,
+              repetition_window, repetition_count, batch_size, sampling_order):
+    def finite(x):
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    if lambda_mode not in LAMBDA_MODES:
+        raise ValueError(f"lambda_mode must be one of {LAMBDA_MODES}, got {lambda_mode!r}.")
+    if not finite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}.")
+    if lambda_mode == "sigmoid" and not finite(lambda_center):
+        raise ValueError(f"lambda_center must be a finite number, got {lambda_center!r}.")
+    if lambda_mode == "piecewise":
+        if not (finite(lambda_h1) and finite(lambda_h2) and lambda_h1 < lambda_h2):
+            raise ValueError(
+                f"piecewise mode needs finite lambda_h1 < lambda_h2 (thresholds on H/ln V), got {lambda_h1!r}, {lambda_h2!r}."
+            )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+    if not finite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}.")
+    if not finite(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+    if repetition_window is not None or repetition_count is not None:
+        if not isinstance(repetition_window, int) or repetition_window < 1:
+            raise ValueError(f"repetition_window must be a positive int (or None to disable), got {repetition_window!r}.")
+        if not isinstance(repetition_count, int) or repetition_count < 2:
+            raise ValueError(f"repetition_count must be an int >= 2 (or None to disable), got {repetition_count!r}.")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int (samples per chunk) or None, got {batch_size!r}.")
+    if sampling_order not in SAMPLING_ORDERS:
+        raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got {sampling_order!r}.")
+
+
+def _forward_kwargs(model) -> dict:
+    """Ask the model for the last position's logits only, when its forward accepts it."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "logits_to_keep" in params:
+        return {"logits_to_keep": 1}
+    if "num_logits_to_keep" in params:
+        return {"num_logits_to_keep": 1}
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def hinted_decode(
+    model,
+    tokenizer,
+    hinted_input_ids,
+    plain_input_ids,
+    *,
+    beta: float = 3.0,
+    lambda_mode: str = "linear",
+    lambda_center: float = 0.5,
+    lambda_h1: float = 0.1,
+    lambda_h2: float = 0.4,
+    splitter: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.3,
+    top_p: float = 0.95,
+    eos_token_ids: int | Sequence[int] | None = None,
+    repetition_window: int | None = 30,
+    repetition_count: int | None = 5,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    return_lambdas: bool = False,
+    sampling_order: str = "top_p_first",
+    pad_token_id: int | None = None,
+    prefill: str = "auto",
+    progress: bool = False,
+) -> list[HintedResult]:
+    """Hinted Decoding of a batch of samples; returns one `HintedResult` per sample, in input order.
+
+    Args:
+        model: any Hugging Face causal LM (``model(input_ids, attention_mask, position_ids, past_key_values)``).
+            It is put in eval mode for the call and restored afterwards.
+        tokenizer: used to decode the output for the ``splitter`` check and for default EOS/pad ids; its ids must
+            fit the model's output vocabulary (a larger model vocabulary, as in Qwen, is fine). May be None when
+            no splitter is used and ``eos_token_ids`` is given.
+        hinted_input_ids / plain_input_ids: one prompt per sample (lists of ints or 1-D tensors, unpadded).
+        beta, lambda_mode, lambda_center, lambda_h1, lambda_h2: the mixing rule, see `mixing_lambda`.
+        splitter: once this string appears in the decoded output, only the plain stream decodes.
+        max_new_tokens: at most this many tokens per sample (finish reason ``"length"``).
+        temperature, top_p, sampling_order: 0 = greedy; else top-p filtering of the mixture then temperature
+            (``sampling_order="top_p_first"``, method.md's order) or HF's order (``"temperature_first"``).
+        eos_token_ids: ids that end a sample (default: `resolve_eos_token_ids`). Finish reason ``"eos"``.
+        repetition_window, repetition_count: stop with ``"repetition"`` once the last ``repetition_window``
+            tokens occur ``repetition_count`` times in the output (see `repetition_counts`); None disables.
+        seed: an int (sample ``i`` then draws from its own generator seeded ``seed + i``) or one seed per sample;
+            either way a sample's draws do not depend on the rest of the batch or on ``batch_size``.
+        generator: a single ``torch.Generator`` shared by all rows instead (results then depend on batch order).
+        batch_size: samples per chunk (each chunk runs ``2 * batch_size`` rows); None = all at once. With
+            chunking, samples are grouped by prompt length to reduce padding.
+        return_lambdas: keep the per-token lambdas in ``result.lambdas``.
+        pad_token_id: id written at padded positions (masked; default: the tokenizer's pad, else an EOS id).
+        prefill: ``"joint"`` prefills hinted and plain rows in one forward padded to the longest prompt;
+            ``"separate"`` prefills them in two forwards and stacks the caches (less padding computed; needs a plain
+            `DynamicCache`); ``"auto"`` = separate when possible, else joint. Decoding is one forward per step
+            either way.
+        progress: show a tqdm bar over samples.
+    """
+    if prefill not in ("auto", "separate", "joint"):
+        raise ValueError(f"prefill must be 'auto', 'separate' or 'joint', got {prefill!r}.")
+    _validate(beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, max_new_tokens, temperature, top_p,
+              repetition_window, repetition_count, batch_size, sampling_order)
+    if seed is not None and generator is not None:
+        raise ValueError("Pass either seed or generator, not both.")
+    hinted = _as_id_lists(hinted_input_ids, "hinted_input_ids")
+    plain = _as_id_lists(plain_input_ids, "plain_input_ids")
+    if len(hinted) != len(plain):
+        raise ValueError(f"hinted_input_ids has {len(hinted)} prompts but plain_input_ids has {len(plain)}: one of each per sample.")
+    n = len(hinted)
+    if n == 0:
+        return []
+    if splitter is not None and (not isinstance(splitter, str) or not splitter):
+        raise ValueError(f"splitter must be a non-empty string or None, got {splitter!r}.")
+    if splitter is not None and tokenizer is None:
+        raise ValueError("A tokenizer is needed to detect the splitter in the decoded output.")
+
+    vocab = _output_vocab_size(model)
+    if vocab is not None and tokenizer is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's output layer has only {vocab}: its ids do not "
+            f"fit the model's vocabulary. Use the tokenizer that belongs to this model (or resize the embeddings)."
+        )
+    if vocab is not None:
+        for name, rows in (("hinted_input_ids", hinted), ("plain_input_ids", plain)):
+            for i, row in enumerate(rows):
+                lo, hi = min(row), max(row)
+                if lo < 0 or hi >= vocab:
+                    raise ValueError(f"{name}[{i}] holds token id {hi if hi >= vocab else lo}, outside the model's vocabulary [0, {vocab}).")
+
+    eos_ids = resolve_eos_token_ids(model, tokenizer, eos_token_ids)
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        if pad_token_id is None:
+            pad_token_id = eos_ids[0] if eos_ids else 0
+
+    if seed is not None:
+        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != n:
+            raise ValueError(f"seed has {len(seeds)} entries for {n} samples: pass an int or one seed per sample.")
+    else:
+        seeds = None
+
+    device = next(model.parameters()).device
+    order = list(range(n))
+    if batch_size is not None and batch_size < n:
+        order.sort(key=lambda i: (len(hinted[i]), len(plain[i])))
+    chunk = batch_size or n
+    chunks = [order[k : k + chunk] for k in range(0, n, chunk)]
+
+    settings = dict(
+        beta=beta, lambda_mode=lambda_mode, lambda_center=lambda_center, lambda_h1=lambda_h1, lambda_h2=lambda_h2,
+        splitter=splitter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=eos_ids,
+        repetition_window=repetition_window, repetition_count=repetition_count, return_lambdas=return_lambdas,
+        sampling_order=sampling_order, pad_token_id=pad_token_id, forward_kwargs=_forward_kwargs(model),
+        prefill=prefill,
+    )
+    results: list[HintedResult | None] = [None] * n
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="hinted decoding", unit="sample")
+    try:
+        for idx in chunks:
+            gens = None
+            if seeds is not None:
+                gens = [torch.Generator(device=device).manual_seed(seeds[i]) for i in idx]
+            elif generator is not None:
+                gens = generator
+            chunk_results = _decode_chunk(model, tokenizer, [hinted[i] for i in idx], [plain[i] for i in idx],
+                                          device=device, generators=gens, **settings)
+            for i, r in zip(idx, chunk_results):
+                results[i] = r
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        input_ids[r, width - len(p):] = torch.tensor(p)
+        attention[r, width - len(p):] = 1
+    return input_ids.to(device), attention.to(device)
+
+
+def _plain_dynamic_cache(cache) -> bool:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return (type(cache) is DynamicCache and bool(layers)
+            and all(type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None for layer in layers))
+
+
+def _separate_prefill(model, hinted, plain, pad_token_id, device, forward_kwargs):
+    """Prefill the hinted and the plain prompts in two forwards, each padded only to its own longest prompt, then
+    stack the two KV caches (the shorter one left-padded with zeros that the attention mask hides). This avoids
+    computing the plain rows' padding up to the (usually much longer) hinted width. Returns ``(None, None)`` when
+    the model's cache is not a plain `DynamicCache` (sliding-window, hybrid, ...): the caller then prefills jointly."""
+    outs, masks = [], []
+    for prompts in (hinted, plain):
+        ids, mask = _left_pad(prompts, pad_token_id, device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **forward_kwargs)
+        if not _plain_dynamic_cache(out.past_key_values):
+            return None, None
+        outs.append(out)
+        masks.append(mask)
+    width = max(m.shape[1] for m in masks)
+
+    def pad_left(t: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - t.shape[dim]
+        if missing == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    cache, other = outs[0].past_key_values, outs[1].past_key_values
+    for layer, layer_p in zip(cache.layers, other.layers):
+        layer.keys = torch.cat([pad_left(layer.keys, -2), pad_left(layer_p.keys, -2)], dim=0)
+        layer.values = torch.cat([pad_left(layer.values, -2), pad_left(layer_p.values, -2)], dim=0)
+    attention = torch.cat([pad_left(m, 1) for m in masks], dim=0)
+    logits = torch.cat([outs[0].logits[:, -1:], outs[1].logits[:, -1:]], dim=0)
+
+    return SimpleNamespace(logits=logits, past_key_values=cache), attention
+
+
+def _decode_chunk(model, tokenizer, hinted, plain, *, device, generators, beta, lambda_mode, lambda_center, lambda_h1,
+                  lambda_h2, splitter, max_new_tokens, temperature, top_p, eos_ids, repetition_window,
+                  repetition_count, return_lambdas, sampling_order, pad_token_id, forward_kwargs, prefill):
+    b = len(hinted)
+    prompts = hinted + plain  # rows 0..b-1 hinted, b..2b-1 plain
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)
+    # the rows currently in the batch: (sample, is_hinted)
+    rows: list[tuple[int, bool]] = [(s, True) for s in range(b)] + [(s, False) for s in range(b)]
+    out = None
+    if prefill in ("auto", "separate"):
+        out, attention = _separate_prefill(model, hinted, plain, pad_token_id, device, forward_kwargs)
+        if out is None and prefill == "separate":
+            raise ValueError("prefill='separate' needs a model whose cache is a plain DynamicCache; use 'joint'.")
+    if out is None:
+        input_ids, attention = _left_pad(prompts, pad_token_id, device)
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                    **forward_kwargs)
+    cache = out.past_key_values
+    can_prune = hasattr(cache, "batch_select_indices")
+
+    tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)  # generated ids, on CPU
+    eos = torch.tensor(eos_ids, dtype=torch.long)
+    active = list(range(b))  # samples still decoding, in a fixed order
+    split_at: list[int | None] = [None] * b
+    finish: list[str | None] = [None] * b
+    lam_hist: list[list[float]] = [[] for _ in range(b)]
+    ent_hist: list[list[float]] = [[] for _ in range(b)]
+    per_row_gens = isinstance(generators, list)
+
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :]
+        where = {key: r for r, key in enumerate(rows)}
+        plain_rows = torch.tensor([where[(s, False)] for s in active], device=device)
+        hinted_rows = torch.tensor([where.get((s, True), where[(s, False)]) for s in active], device=device)
+        log_p = logits.index_select(0, hinted_rows).float().log_softmax(-1)
+        log_q = logits.index_select(0, plain_rows).float().log_softmax(-1)
+        hn = normalized_entropy(log_p)
+        lam = mixing_lambda(hn, lambda_mode, beta=beta, center=lambda_center, h1=lambda_h1, h2=lambda_h2)
+        forced = torch.tensor([0.0 if step == 0 else (1.0 if split_at[s] is not None else float("nan")) for s in active],
+                              device=device)
+        lam = torch.where(forced.isnan(), lam, forced)
+        log_m = mix_log_probs(log_p, log_q, lam)
+        gens = [generators[s] for s in active] if per_row_gens else generators
+        chosen = select_tokens(log_m, temperature=temperature, top_p=top_p, generators=gens, order=sampling_order).cpu()
+
+        act = torch.tensor(active)
+        tokens[act, step] = chosen
+        lam_list, hn_list, forced_list = lam.tolist(), hn.tolist(), forced.isnan().tolist()
+        for j, s in enumerate(active):
+            lam_hist[s].append(lam_list[j])
+            if forced_list[j]:
+                ent_hist[s].append(hn_list[j])
+        is_eos = torch.isin(chosen, eos)
+        if repetition_window is not None:
+            repeated = repetition_counts(tokens[act, : step + 1], repetition_window) >= repetition_count
+        else:
+            repeated = torch.zeros_like(is_eos)
+        still = []
+        for j, s in enumerate(active):
+            if is_eos[j]:
+                finish[s] = "eos"
+            elif repeated[j]:
+                finish[s] = "repetition"
+            elif step + 1 == max_new_tokens:
+                finish[s] = "length"
+            else:
+                still.append(s)
+                if splitter is not None and split_at[s] is None:
+                    if splitter in tokenizer.decode(tokens[s, : step + 1].tolist()):
+                        split_at[s] = step + 1
+        active = still
+        if not active:
+            break
+
+        # rows to keep: plain rows of live samples, hinted rows of live samples before their split
+        alive = set(active)
+        keep_keys = [(s, h) for (s, h) in rows if s in alive and (not h or split_at[s] is None)]
+        if can_prune and len(keep_keys) < len(rows):
+            keep = torch.tensor([where[k] for k in keep_keys], device=device)
+            cache.batch_select_indices(keep)
+            attention = attention.index_select(0, keep)
+            next_pos = next_pos.index_select(0, keep)
+            rows = keep_keys
+        last = {s: int(tokens[s, step]) for s in range(b)}
+        step_ids = torch.tensor([[last[s] if finish[s] is None else pad_token_id] for s, _ in rows], device=device)
+        attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
+        out = model(input_ids=step_ids, attention_mask=attention, position_ids=next_pos.unsqueeze(-1),
+                    past_key_values=cache, use_cache=True, **forward_kwargs)
+        cache = out.past_key_values
+        next_pos = next_pos + 1
+
+    results = []
+    for s in range(b):
+        ids = tokens[s][tokens[s] >= 0].tolist()
+        lams = lam_hist[s]
+        results.append(HintedResult(
+            token_ids=ids,
+            finish_reason=finish[s] or "length",
+            lambda_mean=float(sum(lams) / len(lams)) if lams else 0.0,
+            lambdas=list(lams) if return_lambdas else None,
+            entropy_mean=float(sum(ent_hist[s]) / len(ent_hist[s])) if ent_hist[s] else None,
+            splitter_pos=split_at[s],
+        ))
+    return results

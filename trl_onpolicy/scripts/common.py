@@ -1,0 +1,397 @@
+"""Shared plumbing of the training entry points (`trl-onpolicy train|dpo|simpo`, `scripts/*.py`).
+
+Each entry point parses a recipe with TRL's `TrlParser` (``--config recipe.yaml``, command-line flags override the
+YAML, a top-level ``env:`` block is exported) into TRL's `ScriptArguments`, the trainer's config class, TRL's
+`ModelConfig`, TRL's `DatasetMixtureConfig` and this module's `RunArguments`. This module adds what `TrlParser` leaves
+out: unknown or misspelled keys stop with an error naming them (with the closest valid key), missing required keys
+stop with an error, datasets may be a Hub name, a local folder or a local file, and ``--dry_run`` resolves model,
+data and config without downloading or training.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# column sets a trainer accepts, by kind of trainer (any one set must be present)
+SFT_COLUMNS = (("messages",), ("prompt", "completion"), ("text",), ("input_ids",))
+PREFERENCE_COLUMNS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
+
+
+def no_accelerator() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    return not any(
+        getattr(getattr(torch, name, None), "is_available", lambda: False)() for name in ("xpu", "npu", "mlu", "musa", "hpu")
+    )
+
+
+class RecipeError(ValueError):
+    """A recipe or command line that cannot run: the message says which key is wrong and how to fix it."""
+
+
+@dataclass
+class RunArguments:
+    """
+    Arguments of the trl-onpolicy entry points themselves (not passed to the trainer).
+
+    Parameters:
+        dry_run (`bool`, *optional*, defaults to `False`):
+            Resolve the model (configuration only, no weights), the data (local data is loaded and its columns and
+            sizes checked; Hub models and datasets are reported as "would load ..." and never downloaded) and the
+            training configuration, print what would run, and exit without training.
+    """
+
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Resolve model (config only), data and config, print the plan, and exit without training."},
+    )
+
+
+def make_parser(config_cls, prog: str):
+    """`TrlParser` over (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments).
+
+    Abbreviated flags are refused (``--learning_rat`` must not silently mean ``--learning_rate``).
+    """
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    return TrlParser(
+        (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments), prog=prog, allow_abbrev=False
+    )
+
+
+def _known_keys(parser) -> list[str]:
+    return sorted({a.dest for a in parser._actions if a.dest not in ("help", "config")})
+
+
+def _unknown_key_message(where: str, keys: list[str], known: list[str]) -> str:
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (
+        f"unknown key(s) in {where}: {', '.join(parts)}. Fix the spelling or remove them; "
+        "`--help` lists every accepted key."
+    )
+
+
+def _strip_values(strings: list[str]) -> list[str]:
+    """Names of the flags in a list of leftover argv strings (``["--foo", "1", "--bar=2"]`` -> ``["foo", "bar"]``)."""
+    return [s[2:].split("=", 1)[0] for s in strings if s.startswith("--")] or list(strings)
+
+
+def parse_recipe(parser, argv: list[str] | None):
+    """Parse ``argv`` (``--config recipe.yaml`` plus overrides) into the parser's dataclasses.
+
+    Raises `RecipeError` naming each unknown key of the recipe or the command line, or a missing/unreadable recipe.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise RecipeError("`--config` needs the path of a YAML recipe.")
+        path = Path(argv[i + 1])
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist.")
+        import yaml
+
+        try:
+            recipe = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(recipe, dict):
+            raise RecipeError(f"recipe {str(path)!r} must be a YAML mapping of key: value.")
+        if "env" in recipe and not isinstance(recipe["env"], dict):
+            raise RecipeError(f"recipe {str(path)!r}: the `env:` block must be a mapping of VARIABLE: value.")
+    else:
+        path = None
+    try:
+        *outputs, config_rest, cli_rest = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            raise
+        # argparse already printed what was wrong (bad choice, bad type, missing value)
+        raise RecipeError("invalid command line or recipe value (see the message above).") from e
+    except (ValueError, TypeError) as e:  # a config's own validation (__post_init__) names the field
+        raise RecipeError(str(e)) from e
+    known = _known_keys(parser)
+    if config_rest:
+        raise RecipeError(_unknown_key_message(f"recipe {str(path)!r}", _strip_values(config_rest), known))
+    if cli_rest:
+        raise RecipeError(_unknown_key_message("the command line", _strip_values(cli_rest), known))
+    return tuple(outputs)
+
+
+def check_required(script_args, model_args, dataset_args) -> None:
+    if not model_args.model_name_or_path:
+        raise RecipeError(
+            "missing required key 'model_name_or_path': set it in the recipe or pass --model_name_or_path "
+            "(a Hub name, a local folder, or the embedded alias 'embedded:smollm2-135m-instruct')."
+        )
+    if not script_args.dataset_name and not dataset_args.datasets:
+        raise RecipeError(
+            "missing required key 'dataset_name' (or a `datasets:` list): set it in the recipe or pass "
+            "--dataset_name (a Hub name, a local folder or a local .json/.jsonl/.csv/.parquet file)."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def resolve_model(name: str, dry_run: bool = False) -> tuple[str | None, str]:
+    """``(path to load, description)``. Embedded aliases (``embedded:...``) become their cached local folder; in a
+    dry run an embedded model that is not converted yet is only reported (conversion takes ~30 s)."""
+    if isinstance(name, str) and name.lower().startswith("embedded:"):
+        models = importlib.import_module("trl_onpolicy.models")
+        key = name.lower()
+        if key not in models.EMBEDDED_MODELS:
+            raise RecipeError(f"model_name_or_path={name!r}: unknown embedded model; available: {sorted(models.EMBEDDED_MODELS)}.")
+        if dry_run:
+            cached = models.cache_root() / "SmolLM2-135M-Instruct"
+            if (cached / "config.json").is_file():
+                return str(cached), f"embedded model {name} (cached at {cached})"
+            gguf = models.smollm2_gguf_file()  # raises a clear error when the package is missing
+            return None, f"would convert the embedded GGUF {gguf} once (~30 s) and load it ({name})"
+        path = models.resolve_model_path(name)
+        return path, f"embedded model {name} ({path})"
+    if is_local(name):
+        return str(Path(name).expanduser()), f"local folder {name}"
+    if dry_run:
+        return None, f"would load {name!r} from the Hugging Face Hub (not downloaded in a dry run)"
+    return name, f"Hub model {name!r}"
+
+
+def describe_model_config(path: str, model_args) -> str:
+    """Architecture and parameter count of a local model folder, read from its config (no weights are loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    text = config.get_text_config()
+    return (
+        f"{config.model_type} ({type(model).__name__}), {n / 1e6:.2f}M parameters, vocab {text.vocab_size}, "
+        f"dtype {model_args.dtype}, attn_implementation {model_args.attn_implementation or 'default'}"
+    )
+
+
+def model_init_kwargs(model_args, training_args, with_quantization: bool = False) -> dict:
+    """What TRL's own scripts pass to ``from_pretrained`` (revision, dtype, attention implementation); with
+    ``with_quantization`` also the bitsandbytes config (for trainers that take no ``quantization_config`` argument)."""
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=getattr(training_args, "trust_remote_code", False),
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if with_quantization:
+        from trl import get_quantization_config
+
+        quantization_config = get_quantization_config(model_args)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+    if training_args.model_init_kwargs is not None:
+        kwargs.update(training_args.model_init_kwargs)
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def _split_name(spec: str) -> str:
+    return re.split(r"[\[+]", spec, maxsplit=1)[0].strip()
+
+
+def _slice(dataset, spec: str):
+    """Apply the datasets slicing syntax of a split spec (``train[:100000]``, ``train[10%:]``) to one loaded split."""
+    from datasets import ReadInstruction, concatenate_datasets
+
+    name = _split_name(spec)
+    if spec.strip() == name:
+        return dataset
+    try:
+        instructions = ReadInstruction.from_spec(spec).to_absolute({name: len(dataset)})
+    except (ValueError, AssertionError) as e:
+        raise RecipeError(f"split {spec!r}: {e}. Write e.g. 'train', 'train[:1000]' or 'train[:10%]'.") from e
+    parts = [dataset.select(range(i.from_, i.to)) for i in instructions]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def is_offline_source(name: str) -> bool:
+    """A dataset that loads without the Hub: a local file or folder, or an offline generator (``reasoning-gym:...``)."""
+    return is_local(name) or str(name).startswith("reasoning-gym:")
+
+
+def load_split(name: str, spec: str, config: str | None = None):
+    """One split of a dataset (Hub name, local folder or file, or ``reasoning-gym:TASK[:N]``) loaded with
+    `trl_onpolicy.data.load_sft_dataset`; ``spec`` may slice (``train[:100000]``)."""
+    from trl_onpolicy.data import load_sft_dataset
+
+    kwargs = {"name": config} if config else {}
+    try:
+        if is_offline_source(name):
+            # a saved folder or a single file takes no config name; a folder of data files may
+            folder_of_files = is_local(name) and Path(name).expanduser().is_dir()
+            return _slice(load_sft_dataset(name, split=_split_name(spec), **(kwargs if folder_of_files else {})), spec)
+        return load_sft_dataset(name, split=spec, **kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        raise RecipeError(f"dataset_name={name!r}, split {spec!r}: {e}") from e
+
+
+def load_splits(script_args, dataset_args, need_eval: bool, dry_run: bool):
+    """``(train, eval or None, description)``. In a dry run a Hub dataset is not loaded: ``train`` is None and the
+    description says what would be loaded."""
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            print("[trl-onpolicy] both `datasets` and `dataset_name` are set: using `datasets`.", flush=True)
+        paths = [d.path for d in dataset_args.datasets]
+        if dry_run and any(not is_local(d.path) and not d.data_files for d in dataset_args.datasets):
+            return None, None, f"would load the mixture {paths} from the Hugging Face Hub (not downloaded in a dry run)"
+        from trl import get_dataset
+
+        data = get_dataset(dataset_args)
+        train = data["train"]
+        evaluation = data["test"] if need_eval and "test" in data else None
+        if need_eval and evaluation is None:
+            raise RecipeError("eval_strategy is set but the `datasets:` mixture has no test split: set test_split_size.")
+        return train, evaluation, f"mixture of {paths}"
+
+    name, config = script_args.dataset_name, script_args.dataset_config
+    train_spec, test_spec = script_args.dataset_train_split, script_args.dataset_test_split
+    if is_local(name):
+        where = f"local {'folder' if Path(name).expanduser().is_dir() else 'file'} {name}"
+    elif is_offline_source(name):
+        where = f"offline generator {name}"
+    else:
+        where = f"Hub dataset {name!r}" + (f" (config {config})" if config else "")
+    carve = bool(dataset_args.test_split_size)
+    if dry_run and not is_offline_source(name):
+        splits = train_spec + (f" and {test_spec}" if need_eval and not carve else "")
+        return None, None, f"would load split(s) {splits} of {where} (not downloaded in a dry run)"
+    train = load_split(name, train_spec, config)
+    evaluation = None
+    if need_eval:
+        if carve:
+            parts = train.train_test_split(test_size=dataset_args.test_split_size, seed=0)
+            train, evaluation = parts["train"], parts["test"]
+        else:
+            try:
+                evaluation = load_split(name, test_spec, config)
+            except RecipeError as e:
+                raise RecipeError(
+                    f"eval_strategy is set but the evaluation split could not be loaded ({e}). Set dataset_test_split "
+                    "to an existing split, set test_split_size to carve one out of the training split, or set "
+                    "eval_strategy: 'no'."
+                ) from e
+    desc = f"{where}, split {train_spec}"
+    if need_eval:
+        desc += f", eval {f'{dataset_args.test_split_size} of train' if carve else test_spec}"
+    return train, evaluation, desc
+
+
+def check_columns(dataset, kinds, what: str) -> None:
+    cols = set(dataset.column_names)
+    if not any(set(k) <= cols for k in kinds):
+        wanted = " or ".join("+".join(k) for k in kinds)
+        raise RecipeError(f"{what} dataset has columns {sorted(cols)}; it needs {wanted}.")
+    if len(dataset) == 0:
+        raise RecipeError(f"{what} dataset is empty: check dataset_train_split / dataset_test_split.")
+
+
+# --------------------------------------------------------------------------------------------------- dry run
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def print_plan(title: str, lines: dict) -> None:
+    width = max(len(k) for k in lines)
+    print(f"[trl-onpolicy] dry run: {title}", flush=True)
+    for key, value in lines.items():
+        print(f"  {key:<{width}}  {value}", flush=True)
+    print("[trl-onpolicy] dry run: nothing was trained.", flush=True)
+
+
+def common_plan(model_desc, data_desc, train, evaluation, training_args, model_args) -> dict:
+    ws = world_size()
+    per_device, ga = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+    plan = {
+        "model": model_desc,
+        "data": data_desc,
+        "train samples": len(train) if train is not None else "(not loaded)",
+        "eval samples": len(evaluation) if evaluation is not None else "-",
+        "global batch": f"{per_device * ga * ws} = per_device_train_batch_size {per_device} x gradient_accumulation_steps {ga} x {ws} process(es) (WORLD_SIZE)",
+    }
+    if train is not None:
+        import math
+
+        steps_per_epoch = math.ceil(len(train) / (per_device * ga * ws))
+        total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(steps_per_epoch * training_args.num_train_epochs)
+        plan["optimizer steps"] = total
+    plan.update(
+        {
+            "optimizer": f"{training_args.optim} lr {training_args.learning_rate} betas ({training_args.adam_beta1}, {training_args.adam_beta2}) weight_decay {training_args.weight_decay}",
+            "schedule": f"{training_args.lr_scheduler_type}, warmup_steps {training_args.warmup_steps}, max_grad_norm {training_args.max_grad_norm}",
+            "precision": f"bf16={training_args.bf16} fp16={training_args.fp16}" + ("" if training_args.bf16 or training_args.fp16 else " (bf16 turns on by default where an accelerator supports it)"),
+            "peft": f"LoRA r={model_args.lora_r} alpha={model_args.lora_alpha} targets={model_args.lora_target_modules}" if model_args.use_peft else "no (full fine-tuning)",
+            "quantisation": "4-bit" if model_args.load_in_4bit else "8-bit" if model_args.load_in_8bit else "none",
+            "output_dir": training_args.output_dir,
+        }
+    )
+    return plan
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, default=str, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------ finishing
+
+
+def resume_arg(value):
+    """``resume_from_checkpoint``: "true"/"last" resume from the newest checkpoint of output_dir, a path resumes from
+    it, empty/"false" starts fresh."""
+    if value is None or str(value).lower() in ("", "false", "no", "none"):
+        return None
+    if str(value).lower() in ("true", "last", "yes"):
+        return True
+    return value
+
+
+def train_and_finish(trainer, training_args, dataset_name=None) -> None:
+    """Train (resuming when asked), save, push when asked, and end the distributed run cleanly (`trainer.end`)."""
+    trainer.train(resume_from_checkpoint=resume_arg(training_args.resume_from_checkpoint))
+    trainer.accelerator.print("[trl-onpolicy] training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"[trl-onpolicy] model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    # finish the trackers and destroy the process group, as TRL's own scripts do
+    if hasattr(trainer, "end"):
+        trainer.end()
+
+
+def run_main(body, prog: str):
+    """Run ``body()``; a `RecipeError` is printed as ``prog: error: ...`` and turned into exit status 2."""
+    try:
+        return body()
+    except RecipeError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
