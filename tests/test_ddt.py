@@ -117,6 +117,27 @@ def test_statistics_match_float64_full_softmax(tiny_tokenizer):
     assert sum(result.summary["phi_histogram"]["counts"]) == len(all_phi)
 
 
+@pytest.mark.parametrize("transform", [{}, {"logit_scale": 0.7, "softcap": 30.0, "temperature": 0.8}])
+def test_lm_head_moments_against_float64_and_ops(transform):
+    from trl_onpolicy.ddt import lm_head_moments
+    from trl_onpolicy.ops import full_softmax_statistics, token_statistics
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen) * torch.linspace(0.1, 8.0, 37)[:, None]  # flat to very peaked rows
+    weight, bias = torch.randn(301, 16, generator=gen), torch.randn(301, generator=gen)
+    targets = torch.randint(0, 301, (37,), generator=gen)
+    got = lm_head_moments(hidden, weight, targets, bias, vocab_chunk=64, token_chunk=10, **transform)
+    z = (hidden.double() @ weight.double().t() + bias.double()) * transform.get("logit_scale", 1.0)
+    if "softcap" in transform:
+        z = transform["softcap"] * torch.tanh(z / transform["softcap"])
+    ref = full_softmax_statistics(z / transform.get("temperature", 1.0), targets)
+    ops = token_statistics(hidden, weight, targets, bias, vocab_chunk=64, token_chunk=10, **transform)
+    for key in ("log_probs", "entropy", "varentropy"):
+        torch.testing.assert_close(got[key].double(), ref[key], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(got[key], ops[key], atol=2e-4, rtol=1e-4)
+    assert ref["entropy"].min() < 0.05 and ref["entropy"].max() > 3  # both regimes are covered
+
+
 def test_sample_statistics_pure():
     phi, var = np.array([0.5, -1.5, -4.0, -6.0]), np.array([1.0, 2.0, 0.5, 0.5])
     s = sample_statistics(phi, var)
@@ -211,6 +232,33 @@ def test_api_and_cli_agree(trained, tmp_path):
     assert own["num_samples"] == len(rows) and own["num_tokens"] > 0
     assert (out / "self_samples.jsonl").exists()
     assert (out / "phi.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_resumes_from_finished_chunks(trained, tmp_path, monkeypatch):
+    """An interrupted run resumes: finished row chunks are read back from the cache, only missing ones are scored."""
+    import trl_onpolicy.ddt as ddt_module
+
+    model, tok, path = trained
+    data = tmp_path / "data.jsonl"
+    Dataset.from_list(arithmetic_examples(10, conversational=False)).to_json(str(data), lines=True)
+    argv = ["--model_name_or_path", str(path), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
+            "--resume_chunk_rows", "4", "--no_progress"]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "out" / "summary.json").read_text())
+    cache = tmp_path / "out" / ".ddt_cache"
+    assert sorted(p.name for p in cache.glob("corpus-*.pkl")) == ["corpus-00000.pkl", "corpus-00001.pkl", "corpus-00002.pkl"]
+    (cache / "corpus-00001.pkl").unlink()  # as if the run had stopped during the second chunk
+    calls = []
+    original = ddt_module.score_dataset
+    monkeypatch.setattr(ddt_module, "score_dataset", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
+    assert main(argv) == 0
+    assert calls == [4]  # only the missing chunk (rows 4..7) was scored again
+    again = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert again["mean_phi"] == pytest.approx(first["mean_phi"], abs=1e-6) and again["num_tokens"] == first["num_tokens"]
+    # other arguments: the cache is discarded
+    calls.clear()
+    assert main(argv + ["--max_length", "500"]) == 0
+    assert calls == [4, 4, 2]
 
 
 def test_bad_input(tiny_tokenizer):

@@ -172,7 +172,7 @@ def test_first_token_comes_from_hinted_stream(setup):
 def test_beta_zero_is_greedy_decoding_of_the_hinted_prompt(setup):
     model, tok, hinted, plain = setup
     results = hinted_decode(model, tok, hinted, plain, beta=0.0, temperature=0, max_new_tokens=20,
-                            repetition_window=None, repetition_count=None)
+                            repetition_window=None)
     for i, r in enumerate(results):
         out = model.generate(torch.tensor([hinted[i]]), attention_mask=torch.ones(1, len(hinted[i]), dtype=torch.long),
                              do_sample=False, max_new_tokens=20, pad_token_id=tok.pad_token_id)
@@ -276,3 +276,14 @@ def test_mixture_and_repetition_helpers_against_plain_python():
             tail = row[-window:]
             assert c == sum(row[i : i + window] == tail for i in range(len(row) - window + 1))
     assert repetition_counts(seqs[:, :2], 3).eq(0).all()
+
+
+def test_inverse_cdf_sampling_never_picks_impossible_tokens():
+    from trl_onpolicy.hinted import inverse_cdf_sample
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    u = torch.tensor([0.0, 0.25, 0.4999, 0.5, 0.75, 1.0 - 2**-53], dtype=torch.float64)
+    for row in probs:
+        picks = inverse_cdf_sample(row.expand(len(u), -1), u)
+        assert bool((row[picks] > 0).all())
+    assert inverse_cdf_sample(probs[:1].expand(6, -1), u).tolist() == [1, 1, 1, 3, 3, 3]

@@ -34,6 +34,7 @@ class StubGenerator:
         script = {
             "problem 0": ["#### 3", "\\boxed{3}", "3"],
             "problem 1": ["#### 5", "#### 6", "#### 5"],
+            "problem 2": ["#### 8", "#### 7", "#### 7"],
             "problem 3": ["#### 2", "#### -2", "the answer is 4"],
             "problem 4": ["#### 10", "10", "\\boxed{10}"],
         }
@@ -88,7 +89,9 @@ def test_keep_unchecked_reference_and_errors():
     pairs, stats = build_preference_pairs(
         ROWS, StubGenerator(), PairConfig(num_samples=3, require_correct_reference=False)
     )
-    assert stats["reference_incorrect"] == 0  # row 2 now sampled; the stub has no script for it
+    assert stats["reference_incorrect"] == 0  # row 2 is now sampled too
+    assert stats["num_pairs"] == 3 and pairs[1]["prompt"][0]["content"] == "problem 2"
+    assert pairs[1]["chosen"][0]["content"].startswith("wrong reference") and pairs[1]["rejected"][0]["content"] == "#### 8"
     with pytest.raises(ValueError, match="on_no_incorrect"):
         PairConfig(on_no_incorrect="skip")
     with pytest.raises(ValueError, match="temperature"):
@@ -103,3 +106,22 @@ def test_generate_fn_samples_k_per_prompt_with_the_evaluation_sampler(tiny_model
     out = fn([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "1 + 1?"}]], 3, 0)
     assert [len(x) for x in out] == [3, 3] and all(isinstance(t, str) for x in out for t in x)
     assert out == fn([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "1 + 1?"}]], 3, 0)  # seeded
+
+
+def test_pairs_cli_on_tiny_model(tiny_model_dir, tmp_path):
+    import json
+
+    from datasets import load_from_disk
+
+    from trl_onpolicy.preferences import main
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(_row(i, str(i + 2))) for i in range(3)))
+    out = tmp_path / "pairs"
+    rc = main(["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(out),
+               "--num_samples", "2", "--max_new_tokens", "4", "--on_no_incorrect", "corrupt"])
+    assert rc == 0
+    pairs = load_from_disk(str(out))
+    stats = json.loads((out / "pairs_stats.json").read_text())
+    assert len(pairs) == stats["num_pairs"] == 3  # every prompt paired: own wrong sample or corrupted reference
+    assert stats["samples_drawn"] == 6 and set(pairs.column_names) == {"prompt", "chosen", "rejected"}

@@ -422,28 +422,49 @@ class Comparison:
         return load_from_disk(str(folder)), stats
 
     def hinted_dataset(self, model, tokenizer):
-        """The training corpus re-aligned to the base model with Hinted Decoding (trl_onpolicy.realign), cached."""
+        """The training corpus re-aligned to the base model with Hinted Decoding (trl_onpolicy.realign), cached.
+
+        ``hinted.fallback`` decides what happens to prompts whose re-aligned response the realign filters drop
+        (unfinished, wrong answer, low phi): ``"reference"`` (default) trains on the reference response for those
+        prompts, so every method keeps the same prompts; ``"drop"`` trains on the kept responses only."""
         try:
             from .realign import RealignConfig, realign_dataset
         except ImportError as err:
             raise MethodUnavailable(f"Hinted-Decoding methods need trl_onpolicy.realign, which is not available ({err}).") from err
-        from datasets import Dataset, load_dataset
+        from datasets import Dataset
 
+        settings = dict(self.cfg.hinted)
+        fallback = settings.pop("fallback", "reference")
+        if fallback not in ("reference", "drop"):
+            raise ValueError(f"hinted.fallback={fallback!r}; use 'reference' or 'drop'.")
         folder = self.out / "corpora" / "hinted"
         summary_path = folder / "summary.json"
+        rows = self.train_rows()
         if not summary_path.is_file():
             settings = {"model_name_or_path": str(self.model_path), "dataset_name": "compare:train", "output_dir": str(folder),
-                        "seed": self.cfg.budget.seed, **self.cfg.hinted}
+                        "seed": self.cfg.budget.seed, **settings}
             config = RealignConfig(**settings)
-            rows = self.train_rows()
             data = Dataset.from_list([{k: r[k] for k in ("prompt", "question", "solution", "answer") if k in r} for r in rows])
             realign_dataset(model, tokenizer, data, config, progress=self.progress)
         summary = json.loads(summary_path.read_text())
-        train_file = folder / "train.jsonl"
-        if not train_file.is_file() or train_file.stat().st_size == 0:
+        records = {}
+        for shard in sorted((folder / "shards").glob("*.jsonl")):
+            for line in shard.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    records[rec["index"]] = rec
+        out, kept = [], 0
+        for i, row in enumerate(rows):
+            rec = records.get(i)
+            if rec is not None and rec.get("keep"):
+                out.append({"prompt": row["prompt"], "completion": rec["completion"]})
+                kept += 1
+            elif fallback == "reference":
+                out.append({"prompt": row["prompt"], "completion": row["completion"]})
+        if not out:
             raise RuntimeError(f"Hinted Decoding kept no sample (summary: {json.dumps(summary)[:500]}); nothing to train on.")
-        ds = load_dataset("json", data_files=str(train_file), split="train")
-        return ds.select_columns(["prompt", "completion"]), summary
+        summary = {**summary, "fallback": fallback, "num_realigned_used": kept, "num_reference_used": len(out) - kept}
+        return Dataset.from_list(out), summary
 
     def corpus_phi(self, name: str, dataset, model, tokenizer) -> dict | None:
         """Mean phi (DDT) of a training corpus under the base model, cached in corpora/phi_<name>.json."""
@@ -530,7 +551,7 @@ class Comparison:
 
             if name.endswith("_hinted"):
                 dataset, summary = self.hinted_dataset(model, tokenizer)
-                info["corpus"] = "hinted"
+                info["corpus"] = f"hinted_{summary['fallback']}"
                 info["hinted_summary"] = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
             else:
                 dataset = self.sft_dataset()
@@ -713,6 +734,8 @@ def summarize(results: dict, sets: list[EvalSet]) -> dict:
         row["rejected_phi"] = (r.get("rejected_phi") or {}).get("mean_phi")
         if r.get("pairs"):
             row["pairs"] = r["pairs"]
+        if r.get("hinted_summary"):
+            row["hinted"] = r["hinted_summary"]
         ev = r.get("eval") or {}
         row["sets"] = {s.name: {k: ev[s.name][k] for k in ("accuracy", "ci_low", "ci_high", "num_prompts", "k", "ci_method")}
                        for s in sets if s.name in ev}
@@ -767,6 +790,10 @@ def results_markdown(summary: dict, sets: list[EvalSet], title: str | None = Non
     pairs = next((r["pairs"] for r in summary.values() if r.get("pairs")), None)
     if pairs:
         lines += ["Preference pairs (DPO/SimPO): " + ", ".join(f"{k}={v}" for k, v in pairs.items()), ""]
+    hinted = next((r["hinted"] for r in summary.values() if r.get("hinted")), None)
+    if hinted:
+        keys = ("num_samples", "num_kept", "accuracy", "fallback", "num_realigned_used", "num_reference_used")
+        lines += ["Hinted-Decoding corpus: " + ", ".join(f"{k}={hinted.get(k)}" for k in keys if k in hinted), ""]
     lines += [
         "Accuracy: greedy pass@1 with a Wilson 95% interval (avg@k: normal interval over per-prompt scores). "
         "Retention Δ: mean change of the retention sets' accuracy vs `base`, in points. Train phi: mean DDT phi "

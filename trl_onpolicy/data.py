@@ -308,10 +308,9 @@ def math_word_problems(
     solver = _SOLVERS[task]
     rows, seen = [], set()
     chunk = max(64, 2 * n)
-    attempts, max_attempts = 0, max(2000, 50 * n)
-    round_ = 0
+    attempts, round_, stale_rounds = 0, 0, 0
     while len(rows) < n:
-        if attempts >= max_attempts:
+        if stale_rounds >= 2:
             raise RuntimeError(
                 f"Only {len(rows)} distinct {split} problems of task {task!r} found after {attempts} draws (wanted {n}). "
                 f"The task settings {task_kwargs or '(defaults)'} allow too few different questions: ask for fewer "
@@ -319,6 +318,7 @@ def math_word_problems(
             )
         ds = reasoning_gym.create_dataset(task, size=chunk, seed=seed * _SEED_STRIDE + round_ * chunk, **task_kwargs)
         round_ += 1
+        seen_before = len(seen)
         for i in range(chunk):
             attempts += 1
             entry = ds[i]
@@ -349,6 +349,8 @@ def math_word_problems(
             )
             if len(rows) == n:
                 break
+        # rounds that find no question not seen before mean the task's question space is exhausted
+        stale_rounds = stale_rounds + 1 if len(seen) == seen_before else 0
     return Dataset.from_list(rows)
 
 

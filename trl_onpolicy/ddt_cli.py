@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +52,9 @@ class DDTArguments:
         compare_self_samples (`bool`, *optional*, defaults to `False`):
             Also sample the model's own responses to the same prompts (temperature `self_temperature`, no top-k or
             top-p) and score them: `summary.json` gets a `self_samples` section and the plot both distributions.
+        generation_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Prompts per `generate` call for the own responses (default: `batch_size`). Decoding is memory-bound, so
+            a larger batch is almost free per step.
         max_new_tokens (`int`, *optional*, defaults to `256`):
             Length limit of the model's own responses.
         self_temperature (`float`, *optional*, defaults to `1.0`):
@@ -57,12 +63,16 @@ class DDTArguments:
             Seed of the own-response sampling.
         device (`str` or `None`, *optional*, defaults to `None`):
             `cpu`, `cuda`, `cuda:1`, ...; default: the process's accelerator device (CUDA if available).
-        vocab_chunk (`int`, *optional*, defaults to `16384`):
-            Vocabulary tile of the LM head statistics (memory ~ token_chunk x vocab_chunk floats).
-        token_chunk (`int`, *optional*, defaults to `1024`):
-            Token tile of the LM head statistics.
+        vocab_chunk (`int` or `None`, *optional*, defaults to `None`):
+            Vocabulary tile of the LM head statistics (memory ~ a few token_chunk x vocab_chunk floats); default
+            2048 on CPU, 16384 on GPU.
+        token_chunk (`int` or `None`, *optional*, defaults to `None`):
+            Token tile of the LM head statistics; default 512 on CPU, 4096 on GPU.
         no_progress (`bool`, *optional*, defaults to `False`):
             Hide the progress bars.
+        resume_chunk_rows (`int`, *optional*, defaults to `1024`):
+            Rows per checkpointed chunk: finished chunks are kept in `output_dir/.ddt_cache` and a rerun of the same
+            command resumes after them (the cache is discarded when the arguments differ).
     """
 
     output_dir: str = field(metadata={"help": "Folder for summary.json, samples.jsonl and phi.png."})
@@ -73,20 +83,22 @@ class DDTArguments:
     top_k_tokens: int = field(default=5, metadata={"help": "Worst tokens listed per sample."})
     dataset_text_field: str = field(default="text", metadata={"help": "Text column of language-modeling data."})
     compare_self_samples: bool = field(default=False, metadata={"help": "Also score the model's own responses."})
+    generation_batch_size: int | None = field(default=None, metadata={"help": "Prompts per generate call (default batch_size)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Length limit of the own responses."})
     self_temperature: float = field(default=1.0, metadata={"help": "Temperature of the own responses."})
     seed: int = field(default=0, metadata={"help": "Seed of the own-response sampling."})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda / cuda:N (default: automatic)."})
-    vocab_chunk: int = field(default=16384, metadata={"help": "Vocabulary tile size."})
-    token_chunk: int = field(default=1024, metadata={"help": "Token tile size."})
+    vocab_chunk: int | None = field(default=None, metadata={"help": "Vocabulary tile size (default: 2048 CPU, 16384 GPU)."})
+    token_chunk: int | None = field(default=None, metadata={"help": "Token tile size (default: 512 CPU, 4096 GPU)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide progress bars."})
+    resume_chunk_rows: int = field(default=1024, metadata={"help": "Rows per checkpointed (resumable) chunk."})
 
     def __post_init__(self):
-        for name in ("batch_size", "top_k_tokens", "max_new_tokens", "vocab_chunk", "token_chunk"):
+        for name in ("batch_size", "top_k_tokens", "max_new_tokens", "resume_chunk_rows"):
             value = getattr(self, name)
             if value < (0 if name == "top_k_tokens" else 1):
                 raise ValueError(f"`{name}` must be positive, got {value}.")
-        for name in ("max_length", "num_samples", "max_tokens_per_batch"):
+        for name in ("max_length", "num_samples", "max_tokens_per_batch", "vocab_chunk", "token_chunk", "generation_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value}.")
@@ -242,25 +254,86 @@ def _score(model, tokenizer, dataset, args: DDTArguments, desc: str) -> ddt.DDTR
     )
 
 
+def _cache_meta(args: DDTArguments, script_args, model_args, num_rows: int) -> dict:
+    keys = ("max_length", "dataset_text_field", "compare_self_samples", "max_new_tokens", "self_temperature", "seed",
+            "resume_chunk_rows", "top_k_tokens")
+    meta = {k: getattr(args, k) for k in keys}
+    meta.update(model=str(model_args.model_name_or_path), dtype=str(model_args.dtype), dataset=str(script_args.dataset_name),
+                config=script_args.dataset_config, split=script_args.dataset_train_split, num_rows=num_rows)
+    return meta
+
+
+def _open_cache(out: Path, meta: dict) -> Path:
+    """``out/.ddt_cache``, emptied when it was written for different arguments."""
+    cache = out / ".ddt_cache"
+    if ddt.is_main_process():
+        meta_file = cache / "meta.json"
+        if cache.exists() and (not meta_file.exists() or json.loads(meta_file.read_text()) != ddt._json_safe(meta)):
+            print(f"[ddt] {cache} holds results of other arguments: starting afresh")
+            shutil.rmtree(cache)
+        cache.mkdir(parents=True, exist_ok=True)
+        meta_file.write_text(json.dumps(ddt._json_safe(meta), indent=2))
+    ddt._barrier()
+    return cache
+
+
+def _chunked(cache: Path, name: str, num_rows: int, chunk_rows: int, compute) -> list:
+    """Concatenated ``compute(start, end)`` over row chunks; each finished chunk is pickled under ``cache`` so that an
+    interrupted run resumes after the last finished chunk."""
+    out = []
+    starts = list(range(0, num_rows, chunk_rows))
+    for k, start in enumerate(starts):
+        path = cache / f"{name}-{k:05d}.pkl"
+        if path.exists():
+            with open(path, "rb") as f:
+                out.extend(pickle.load(f))
+            continue
+        part = compute(k, start, min(num_rows, start + chunk_rows))
+        if ddt.is_main_process():
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(part, f)
+            os.replace(tmp, path)
+        out.extend(part)
+    return out
+
+
 def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=None) -> dict:
-    """Library form of `trl-onpolicy ddt`: returns the summary that it writes to ``output_dir/summary.json``."""
+    """Library form of `trl-onpolicy ddt`: returns the summary that it writes to ``output_dir/summary.json``.
+
+    Rows are processed in chunks of ``resume_chunk_rows``; finished chunks are kept in ``output_dir/.ddt_cache``, so
+    running the same command again after an interruption continues where it stopped."""
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     if args.num_samples is not None:
         dataset = dataset.select(range(min(args.num_samples, len(dataset))))
     if model is None:
         model, tokenizer = load_model(model_args, _device(args.device))
-    result = _score(model, tokenizer, dataset, args, "DDT scoring corpus")
+    out = Path(args.output_dir)
+    cache = _open_cache(out, _cache_meta(args, script_args, model_args, len(dataset)))
+    n_chunks = math.ceil(len(dataset) / args.resume_chunk_rows)
+
+    def score_chunk(k, start, end):
+        res = _score(model, tokenizer, dataset.select(range(start, end)), args, f"DDT scoring corpus [{k + 1}/{n_chunks}]")
+        return [(r | {"index": r["index"] + start}, a) for r, a in zip(res.samples, res.tokens)]
+
+    parts = _chunked(cache, "corpus", len(dataset), args.resume_chunk_rows, score_chunk)
+    result = ddt.DDTResult(summary={}, samples=[r for r, _ in parts], tokens=[a for _, a in parts])
+    result.summary = ddt.corpus_summary(result.tokens, result.samples)
     summary = dict(result.summary)
     summary["model"] = model_args.model_name_or_path
     summary["dataset"] = script_args.dataset_name
     summary["max_length"] = args.max_length
     own = None
     if args.compare_self_samples:
-        generated = ddt.sample_own_responses(
-            model, tokenizer, dataset, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            temperature=args.self_temperature, seed=args.seed, dataset_text_field=args.dataset_text_field,
-            progress=not args.no_progress,
-        )
+        def generate_chunk(k, start, end):
+            gen = ddt.sample_own_responses(
+                model, tokenizer, dataset.select(range(start, end)), max_new_tokens=args.max_new_tokens,
+                batch_size=args.generation_batch_size or args.batch_size, temperature=args.self_temperature,
+                seed=args.seed + k, dataset_text_field=args.dataset_text_field, progress=not args.no_progress,
+            )
+            return [g | {"index": g["index"] + start} for g in gen]
+
+        generated = _chunked(cache, "own", len(dataset), args.resume_chunk_rows, generate_chunk)
         gen_rows = [{"prompt_ids": g["prompt_ids"], "completion_ids": g["completion_ids"]} for g in generated]
         own = ddt.score_dataset(
             model, tokenizer, gen_rows, max_length=None, batch_size=args.batch_size,
@@ -270,7 +343,8 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
         own_summary = dict(own.summary)
         own_summary["temperature"] = args.self_temperature
         own_summary["max_new_tokens"] = args.max_new_tokens
-        eos = set(tokenizer.convert_tokens_to_ids([tokenizer.eos_token])) if tokenizer.eos_token else set()
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         own_summary["frac_finished"] = (
             sum(1 for g in generated if g["completion_ids"] and g["completion_ids"][-1] in eos) / len(generated) if generated else math.nan
         )
@@ -280,7 +354,6 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
             record["completion"] = tokenizer.decode(g["completion_ids"], skip_special_tokens=True)
 
     if ddt.is_main_process():
-        out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(ddt._json_safe(summary), indent=2) + "\n")
         result.write_samples(out / "samples.jsonl")

@@ -41,6 +41,7 @@ __all__ = [
     "normalized_entropy",
     "repetition_counts",
     "select_tokens",
+    "inverse_cdf_sample",
     "top_p_filter",
     "resolve_eos_token_ids",
 ]
@@ -151,8 +152,8 @@ def select_tokens(
     ``temperature == 0`` is greedy (argmax). Otherwise ``order="top_p_first"`` (method.md: "top-p 0.95 then
     temperature 0.3") keeps the nucleus of the mixture itself and then sharpens what is left by ``1/temperature``;
     ``"temperature_first"`` is Hugging Face ``generate``'s order (temperature, then the nucleus of the tempered
-    distribution, which is smaller). ``generators``: one generator for all rows, or one per row (then a row's
-    draw depends only on its own generator, not on the other rows).
+    distribution, which is smaller). ``generators``: None (global RNG), one generator for all rows, or one per
+    row (then a row's draw depends only on its own generator, not on the other rows); see `inverse_cdf_sample`.
     """
     if temperature == 0:
         return log_m.argmax(-1)
@@ -162,11 +163,30 @@ def select_tokens(
         logits = top_p_filter(log_m / temperature, top_p)
     else:
         raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got {order!r}.")
-    probs = logits.softmax(-1)
+    return inverse_cdf_sample(logits.softmax(-1), _uniforms(generators, logits.shape[0]))
+
+
+def _uniforms(generators, rows: int) -> torch.Tensor:
+    """``rows`` float64 uniforms in [0, 1) on the CPU: from the global RNG, one shared generator, or one per row."""
     if generators is None or isinstance(generators, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
-    rows = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(rows)
+        device = generators.device if generators is not None else "cpu"
+        return torch.rand(rows, generator=generators, dtype=torch.float64, device=device).cpu()
+    if len(generators) != rows:
+        raise ValueError(f"got {len(generators)} generators for {rows} rows")
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device).cpu() for g in generators])
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row of ``probs`` ([R, V], rows summing to ~1) from ``uniforms`` ([R] in [0, 1)).
+
+    The uniforms are drawn on the CPU from per-row generators, so a row's draw depends only on its own seed and
+    the whole batch is sampled with one vectorised search (no per-row kernel on a GPU). Tokens of probability 0
+    are never chosen."""
+    cum = probs.double().cumsum(-1)
+    total = cum[:, -1]
+    # stay strictly below the total so the search always lands on a token of positive probability
+    target = torch.minimum(uniforms.to(cum.device, torch.float64) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, target.unsqueeze(-1), right=True).squeeze(-1)
 
 
 def repetition_counts(tokens: torch.Tensor, window: int) -> torch.Tensor:
@@ -261,7 +281,7 @@ def _validate(beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, max_new_to
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}.")
     if not finite(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
-    if repetition_window is not None or repetition_count is not None:
+    if repetition_window is not None and repetition_count is not None:
         if not isinstance(repetition_window, int) or repetition_window < 1:
             raise ValueError(f"repetition_window must be a positive int (or None to disable), got {repetition_window!r}.")
         if not isinstance(repetition_count, int) or repetition_count < 2:
@@ -334,7 +354,7 @@ def hinted_decode(
             (``sampling_order="top_p_first"``, method.md's order) or HF's order (``"temperature_first"``).
         eos_token_ids: ids that end a sample (default: `resolve_eos_token_ids`). Finish reason ``"eos"``.
         repetition_window, repetition_count: stop with ``"repetition"`` once the last ``repetition_window``
-            tokens occur ``repetition_count`` times in the output (see `repetition_counts`); None disables.
+            tokens occur ``repetition_count`` times in the output (see `repetition_counts`); None (either) disables.
         seed: an int (sample ``i`` then draws from its own generator seeded ``seed + i``) or one seed per sample;
             either way a sample's draws do not depend on the rest of the batch or on ``batch_size``.
         generator: a single ``torch.Generator`` shared by all rows instead (results then depend on batch order).
@@ -354,6 +374,8 @@ def hinted_decode(
               repetition_window, repetition_count, batch_size, sampling_order)
     if seed is not None and generator is not None:
         raise ValueError("Pass either seed or generator, not both.")
+    if repetition_window is None or repetition_count is None:  # either one None disables the guard
+        repetition_window = repetition_count = None
     hinted = _as_id_lists(hinted_input_ids, "hinted_input_ids")
     plain = _as_id_lists(plain_input_ids, "plain_input_ids")
     if len(hinted) != len(plain):
@@ -418,7 +440,7 @@ def hinted_decode(
         for idx in chunks:
             gens = None
             if seeds is not None:
-                gens = [torch.Generator(device=device).manual_seed(seeds[i]) for i in idx]
+                gens = [torch.Generator().manual_seed(seeds[i]) for i in idx]  # CPU: same draws on any device
             elif generator is not None:
                 gens = generator
             chunk_results = _decode_chunk(model, tokenizer, [hinted[i] for i in idx], [plain[i] for i in idx],

@@ -59,6 +59,29 @@ class HintedBatch:
         return len(self.questions)
 
 
+@dataclass
+class OnlineHintedArguments:
+    """Online Hinted Decoding settings for recipes: parse it beside `IDFTConfig` with `TrlParser` and pass
+    ``hinted_collator_kwargs=args.collator_kwargs()`` to `OnlineIDFTTrainer`/`OnlineSFTTrainer`. Each field is the
+    `HintedDataCollator` argument of the same name without the ``hinted_`` prefix."""
+
+    hinted_question_column: str = field(default="question", metadata={"help": "Column with the problem."})
+    hinted_reference_column: str = field(default="solution", metadata={"help": "Column with the reference solution."})
+    hinted_answer_column: str | None = field(default="answer", metadata={"help": "Column with the final answer."})
+    hinted_beta: float = field(default=3.0, metadata={"help": "Hinted Decoding beta."})
+    hinted_lambda_mode: str = field(default="linear", metadata={"help": "linear, sigmoid or piecewise."})
+    hinted_splitter: str | None = field(default="\\boxed{", metadata={"help": "After this, plain stream only."})
+    hinted_max_new_tokens: int = field(default=256, metadata={"help": "Maximum generated tokens per response."})
+    hinted_temperature: float = field(default=0.3, metadata={"help": "Sampling temperature (0: greedy)."})
+    hinted_top_p: float = field(default=0.95, metadata={"help": "Top-p of the sampler."})
+    hinted_checker: str = field(default="math_verify", metadata={"help": "Answer checker, or 'none'."})
+    hinted_on_reject: str = field(default="reference", metadata={"help": "'reference' or 'keep'."})
+    hinted_generation_batch_size: int | None = field(default=None, metadata={"help": "Samples decoded together."})
+
+    def collator_kwargs(self) -> dict:
+        return {name[len("hinted_"):]: value for name, value in vars(self).items()}
+
+
 class HintedDataCollator:
     """Collator for online Hinted Decoding; used by `OnlineHintedMixin` (e.g. `OnlineIDFTTrainer`).
 
@@ -268,7 +291,6 @@ class OnlineHintedMixin:
         if collator.completion_only_loss is None:
             collator.completion_only_loss = getattr(self, "completion_only_loss", True)
         self.data_collator = collator
-        self._hinted_calls = 0
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -299,8 +321,8 @@ class OnlineHintedMixin:
         seed = None
         if self.args.seed is not None:
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            seed = (int(self.args.seed) * 1_000_003 + (self._hinted_calls * world + rank) * 100_003) % (2**62)
-        self._hinted_calls += 1
+            # one seed stream per (optimizer step, rank): reproducible, and continued correctly after a resume
+            seed = (int(self.args.seed) * 1_000_003 + (self.state.global_step * world + rank) * 100_003) % (2**62)
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped:
@@ -330,4 +352,4 @@ class OnlineIDFTTrainer(OnlineHintedMixin, IDFTTrainer):
     _tag_names = ["trl", "sft", "idft", "hinted-decoding", "trl-onpolicy"]
 
 
-__all__ = ["HintedDataCollator", "HintedBatch", "OnlineHintedMixin", "OnlineSFTTrainer", "OnlineIDFTTrainer"]
+__all__ = ["OnlineHintedArguments", "HintedDataCollator", "HintedBatch", "OnlineHintedMixin", "OnlineSFTTrainer", "OnlineIDFTTrainer"]

@@ -59,7 +59,7 @@ def smollm2_gguf_file() -> Path:
 
 
 def _is_complete(folder: Path) -> bool:
-    return (folder / _COMPLETE_MARKER).is_file() and (folder / "config.json").is_file()
+    return (folder / _COMPLETE_MARKER).is_file()
 
 
 def convert_gguf(gguf_file: str | Path, output_dir: str | Path) -> Path:
@@ -89,17 +89,28 @@ def convert_gguf(gguf_file: str | Path, output_dir: str | Path) -> Path:
     model.generation_config = loaded.generation_config
     del loaded
 
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return atomic_folder(output_dir, write, note=f"converted from {gguf_file.name}")
+
+
+def atomic_folder(output_dir: str | Path, write, note: str = "") -> Path:
+    """Create ``output_dir`` all at once: ``write(tmp)`` fills a temporary sibling folder, which is renamed into place
+    (with a completion marker) only if ``write`` returns. On any error, nothing is left behind."""
+    output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp creates it private; the cache is an ordinary readable folder
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _COMPLETE_MARKER).write_text(f"converted from {gguf_file.name}\n")
+        write(tmp)
+        (tmp / _COMPLETE_MARKER).write_text(note + "\n")
         try:
             os.rename(tmp, output_dir)
         except OSError:
-            # another process finished the same conversion first: keep its folder
+            # another process finished the same folder first: keep its copy
             if not _is_complete(output_dir):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ data and config without downloading or training.
 from __future__ import annotations
 
 import difflib
+import math
 import importlib
 import json
 import os
@@ -48,11 +49,18 @@ class RunArguments:
             Resolve the model (configuration only, no weights), the data (local data is loaded and its columns and
             sizes checked; Hub models and datasets are reported as "would load ..." and never downloaded) and the
             training configuration, print what would run, and exit without training.
+        dry_run_num_processes (`int`, *optional*):
+            Number of processes the dry run assumes when it reports the global batch and the number of optimizer
+            steps (e.g. 8 for a recipe meant for 8 GPUs). Defaults to `WORLD_SIZE`, or 1.
     """
 
     dry_run: bool = field(
         default=False,
         metadata={"help": "Resolve model (config only), data and config, print the plan, and exit without training."},
+    )
+    dry_run_num_processes: int | None = field(
+        default=None,
+        metadata={"help": "Processes assumed by --dry_run for the global batch and step count (default: WORLD_SIZE or 1)."},
     )
 
 
@@ -238,6 +246,29 @@ def is_offline_source(name: str) -> bool:
     return is_local(name) or str(name).startswith("reasoning-gym:")
 
 
+def generator_kwargs(config: str | None) -> dict:
+    """``dataset_config`` of a ``reasoning-gym:`` source: ``"key=value,key=value"`` arguments of
+    `trl_onpolicy.data.math_word_problems` (e.g. ``"seed=0,max_solution_chars=200"``); values are parsed as YAML."""
+    import yaml
+
+    kwargs = {}
+    for item in filter(None, (p.strip() for p in (config or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(
+                f"dataset_config={config!r}: for a reasoning-gym source write 'key=value,key=value' "
+                "(arguments of trl_onpolicy.data.math_word_problems, e.g. 'seed=0,max_solution_chars=200')."
+            )
+        kwargs[key.strip()] = yaml.safe_load(value.strip())
+    return kwargs
+
+
+def looks_local(name: str) -> bool:
+    """A dataset name written as a path (``./runs/x``, ``/data/x``, ``~/x``, ``x.jsonl``): never a Hub name."""
+    text = str(name)
+    return text.startswith((".", "/", "~")) or Path(text).suffix.lower() in (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+
+
 def load_split(name: str, spec: str, config: str | None = None):
     """One split of a dataset (Hub name, local folder or file, or ``reasoning-gym:TASK[:N]``) loaded with
     `trl_onpolicy.data.load_sft_dataset`; ``spec`` may slice (``train[:100000]``)."""
@@ -245,6 +276,8 @@ def load_split(name: str, spec: str, config: str | None = None):
 
     kwargs = {"name": config} if config else {}
     try:
+        if str(name).startswith("reasoning-gym:"):
+            return _slice(load_sft_dataset(name, split=_split_name(spec), **generator_kwargs(config)), spec)
         if is_offline_source(name):
             # a saved folder or a single file takes no config name; a folder of data files may
             folder_of_files = is_local(name) and Path(name).expanduser().is_dir()
@@ -281,6 +314,11 @@ def load_splits(script_args, dataset_args, need_eval: bool, dry_run: bool):
     else:
         where = f"Hub dataset {name!r}" + (f" (config {config})" if config else "")
     carve = bool(dataset_args.test_split_size)
+    if dry_run and looks_local(name) and not is_local(name):
+        return None, None, (
+            f"would read the local dataset {name} (split {train_spec}), which does not exist yet: produce it first "
+            "(see the recipe's header)"
+        )
     if dry_run and not is_offline_source(name):
         splits = train_spec + (f" and {test_spec}" if need_eval and not carve else "")
         return None, None, f"would load split(s) {splits} of {where} (not downloaded in a dry run)"
@@ -329,26 +367,28 @@ def print_plan(title: str, lines: dict) -> None:
     print("[trl-onpolicy] dry run: nothing was trained.", flush=True)
 
 
-def common_plan(model_desc, data_desc, train, evaluation, training_args, model_args) -> dict:
-    ws = world_size()
+def common_plan(model_desc, data_desc, train, evaluation, training_args, model_args, num_processes=None, train_split=None) -> dict:
+    ws = num_processes or world_size()
     per_device, ga = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
     plan = {
         "model": model_desc,
         "data": data_desc,
         "train samples": len(train) if train is not None else "(not loaded)",
         "eval samples": len(evaluation) if evaluation is not None else "-",
-        "global batch": f"{per_device * ga * ws} = per_device_train_batch_size {per_device} x gradient_accumulation_steps {ga} x {ws} process(es) (WORLD_SIZE)",
+        "global batch": f"{per_device * ga * ws} = per_device_train_batch_size {per_device} x gradient_accumulation_steps {ga} x {ws} process(es)",
     }
-    if train is not None:
-        import math
-
-        steps_per_epoch = math.ceil(len(train) / (per_device * ga * ws))
-        total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(steps_per_epoch * training_args.num_train_epochs)
-        plan["optimizer steps"] = total
+    # the number of samples: loaded, or read off an explicit slice of a split that was not loaded (train[:100000])
+    sliced = re.search(r"\[:(\d+)\]$", str(train_split or ""))
+    n = len(train) if train is not None else int(sliced.group(1)) if sliced else None
+    if training_args.max_steps > 0:
+        plan["optimizer steps"] = training_args.max_steps
+    elif n is not None:
+        steps = math.ceil(math.ceil(n / (per_device * ga * ws)) * training_args.num_train_epochs)
+        plan["optimizer steps"] = steps if train is not None else f"{steps} (from the split slice, {n} samples)"
     plan.update(
         {
-            "optimizer": f"{training_args.optim} lr {training_args.learning_rate} betas ({training_args.adam_beta1}, {training_args.adam_beta2}) weight_decay {training_args.weight_decay}",
-            "schedule": f"{training_args.lr_scheduler_type}, warmup_steps {training_args.warmup_steps}, max_grad_norm {training_args.max_grad_norm}",
+            "optimizer": f"{getattr(training_args.optim, 'value', training_args.optim)} lr {training_args.learning_rate} betas ({training_args.adam_beta1}, {training_args.adam_beta2}) weight_decay {training_args.weight_decay}",
+            "schedule": f"{getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)}, warmup_steps {training_args.warmup_steps}, max_grad_norm {training_args.max_grad_norm}",
             "precision": f"bf16={training_args.bf16} fp16={training_args.fp16}" + ("" if training_args.bf16 or training_args.fp16 else " (bf16 turns on by default where an accelerator supports it)"),
             "peft": f"LoRA r={model_args.lora_r} alpha={model_args.lora_alpha} targets={model_args.lora_target_modules}" if model_args.use_peft else "no (full fine-tuning)",
             "quantisation": "4-bit" if model_args.load_in_4bit else "8-bit" if model_args.load_in_8bit else "none",
@@ -377,6 +417,11 @@ def resume_arg(value):
 
 def train_and_finish(trainer, training_args, dataset_name=None) -> None:
     """Train (resuming when asked), save, push when asked, and end the distributed run cleanly (`trainer.end`)."""
+    acc = trainer.accelerator
+    acc.print(
+        f"[trl-onpolicy] {acc.num_processes} process(es), distributed type {acc.distributed_type.value}, "
+        f"global batch {training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * acc.num_processes}"
+    )
     trainer.train(resume_from_checkpoint=resume_arg(training_args.resume_from_checkpoint))
     trainer.accelerator.print("[trl-onpolicy] training completed.")
     trainer.save_model(training_args.output_dir)

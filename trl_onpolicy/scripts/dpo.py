@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loss": f"{training_args.loss_type} (beta {training_args.beta})",
                 "reference": "base model with the LoRA adapter disabled" if model_args.use_peft else f"a frozen copy loaded from {model_args.model_name_or_path}",
             }
-            plan.update(common_plan(model_desc, data_desc, train, evaluation, training_args, model_args))
+            plan.update(common_plan(model_desc, data_desc, train, evaluation, training_args, model_args, run_args.dry_run_num_processes, script_args.dataset_train_split))
             print_plan(PROG, plan)
             return 0
 

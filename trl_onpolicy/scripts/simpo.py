@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             if model_path is not None:
                 model_desc += ": " + describe_model_config(model_path, model_args)
             plan = {"trainer": "trl.experimental.cpo.CPOTrainer", "loss": loss, "reference": "none (SimPO is reference-free)"}
-            plan.update(common_plan(model_desc, data_desc, train, evaluation, training_args, model_args))
+            plan.update(common_plan(model_desc, data_desc, train, evaluation, training_args, model_args, run_args.dry_run_num_processes, script_args.dataset_train_split))
             print_plan(PROG, plan)
             return 0
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             if model_path is not None:
                 model_desc += ": " + describe_model_config(model_path, model_args)
             plan = {"trainer": "trl_onpolicy.IDFTTrainer", "token loss": token_loss_summary(training_args)}
-            plan.update(common_plan(model_desc, data_desc, train, evaluation, training_args, model_args))
+            plan.update(common_plan(model_desc, data_desc, train, evaluation, training_args, model_args, run_args.dry_run_num_processes, script_args.dataset_train_split))
             plan["max_length"] = f"{training_args.max_length} (packing={training_args.packing}, padding_free={training_args.padding_free})"
             print_plan(PROG, plan)
             return 0
