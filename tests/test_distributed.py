@@ -86,7 +86,7 @@ def test_reference_is_sensitive_to_the_batch(parity, tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    "config,kind", [("cpu_ddp_2proc", "MULTI_GPU"), ("cpu_zero2_2proc", "DEEPSPEED"), ("cpu_zero3_2proc", "DEEPSPEED")]
+    "config,kind", [("cpu_ddp_2proc", "MULTI_CPU"), ("cpu_zero2_2proc", "DEEPSPEED"), ("cpu_zero3_2proc", "DEEPSPEED")]
 )
 def test_first_step_matches_single_process(config, kind, parity, tiny_model_dir, tmp_path):
     if kind == "DEEPSPEED":
@@ -112,7 +112,7 @@ def test_lora_ddp_with_torchrun_matches_single_process(parity, tmp_path):
         BIN / "torchrun", "--nproc_per_node", "2", "--master_port", free_port(), ROOT / "scripts" / "train.py",
         "--config", recipe, "--per_device_train_batch_size", "2", "--output_dir", out, *LORA,
     ])
-    assert "2 process(es), distributed type MULTI_GPU" in log
+    assert "2 process(es), distributed type MULTI_CPU" in log
     assert not (out / "model.safetensors").exists()  # only the adapter is saved
     single, ddp = load_file(runs["lora"] / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert single.keys() == ddp.keys() and any("lora_B" in k for k in single)

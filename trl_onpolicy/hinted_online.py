@@ -25,7 +25,8 @@ default) or trained on anyway (``on_reject="keep"``). Logged each step: ``hinted
 
 Requirements: the training dataset is prompt-completion (conversational or not) with a question column and a
 reference column (a `trl_onpolicy.data.math_word_problems` dataset has `prompt`, `completion`, `question`,
-`solution`, `answer`); ``padding_free=False`` and ``packing=False`` (SFTTrainer refuses custom collators with them).
+`solution`, `answer`; an eval dataset needs the same columns, its batches keep the references); ``padding_free=False``
+and ``packing=False`` (SFTTrainer refuses custom collators with them).
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .idft_trainer import IDFTTrainer
-from .realign import DEFAULT_HINT_TEMPLATE, build_hinted_prompt_ids, prompt_ids, resolve_checker, response_statistics
+from .realign import (
+    DEFAULT_HINT_TEMPLATE,
+    build_hinted_prompt_ids,
+    plain_prompt,
+    prompt_ids,
+    resolve_checker,
+    response_statistics,
+)
 
 HINTED_KEY = "hinted"
 
@@ -161,12 +169,6 @@ class HintedDataCollator:
             [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels)]
         )
 
-    def _plain_prompt(self, example):
-        if self.prompt_column and example.get(self.prompt_column) not in (None, "", []):
-            return example[self.prompt_column]
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return messages + [{"role": "user", "content": str(example[self.question_column])}]
-
     def __call__(self, examples: list[dict]) -> dict:
         missing = [c for c in ("input_ids", self.question_column, self.reference_column) if c not in examples[0]]
         if missing:
@@ -179,7 +181,12 @@ class HintedDataCollator:
         labels = [list(ex.get("labels", ex["input_ids"])) for ex in examples]
         batch = self._pad(input_ids, labels)
         batch[HINTED_KEY] = HintedBatch(
-            plain_prompt_ids=[prompt_ids(self.tokenizer, self._plain_prompt(ex)) for ex in examples],
+            plain_prompt_ids=[
+                prompt_ids(self.tokenizer, plain_prompt(ex, prompt_column=self.prompt_column,
+                                                        question_column=self.question_column,
+                                                        system_prompt=self.system_prompt))
+                for ex in examples
+            ],
             questions=[str(ex[self.question_column]) for ex in examples],
             references=[str(ex[self.reference_column]) for ex in examples],
             answers=[None if not self.answer_column or ex.get(self.answer_column) is None else str(ex[self.answer_column])

@@ -197,12 +197,16 @@ def _render(tokenizer, messages) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def plain_prompt(example: dict, config: RealignConfig):
-    """The ordinary training prompt of a sample: its `prompt_column` if present, else a user turn with the question."""
-    if config.prompt_column and example.get(config.prompt_column) not in (None, "", []):
-        return example[config.prompt_column]
-    messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
-    return messages + [{"role": "user", "content": str(example[config.question_column])}]
+def plain_prompt(example: dict, config: RealignConfig | None = None, *, prompt_column: str | None = "prompt",
+                 question_column: str = "question", system_prompt: str | None = None):
+    """The ordinary training prompt of a sample: its prompt column if present, else a user turn with the question
+    (after ``system_prompt`` if set). The columns come from ``config`` when given."""
+    if config is not None:
+        prompt_column, question_column, system_prompt = config.prompt_column, config.question_column, config.system_prompt
+    if prompt_column and example.get(prompt_column) not in (None, "", []):
+        return example[prompt_column]
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": str(example[question_column])}]
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
