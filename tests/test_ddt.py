@@ -209,6 +209,29 @@ def test_tokenization_matches_sft_trainer(tiny_tokenizer, fmt):
         assert mask[1:] == ref_mask[1:]  # position 0 has no context and is never scored
 
 
+def test_messages_without_generation_markers(tiny_tokenizer):
+    """Templates TRL cannot patch with {% generation %} markers: assistant turns found by incremental rendering give
+    TRL's marker mask minus the end of the generation prompt (here the newline after ``<|im_start|>assistant``, which
+    TRL's Qwen training template puts inside the generation block), on a two-turn conversation."""
+    from trl_onpolicy.ddt import Encoder
+
+    conv = {"messages": [
+        {"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "1 + 2 = 3."},
+        {"role": "user", "content": "And 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."},
+    ]}
+    markers = Encoder(tiny_tokenizer, "messages")
+    assert markers._assistant_mode == "markers"
+    incremental = Encoder(tiny_tokenizer, "messages")
+    incremental._assistant_mode = "incremental"
+    ids_a, mask_a = markers(conv)
+    ids_b, mask_b = incremental(conv)
+    assert ids_a == ids_b
+    assert all(a >= b for a, b in zip(mask_a, mask_b)) and sum(mask_b) == sum(mask_a) - 2
+    assert tiny_tokenizer.decode([t for t, a, b in zip(ids_a, mask_a, mask_b) if a and not b]).strip() == ""
+    scored = tiny_tokenizer.decode([t for t, m in zip(ids_a, mask_a) if m])
+    assert "1 + 2 = 3." in scored and "2 + 2 = 4." in scored and "What is" not in scored
+
+
 def test_api_and_cli_agree(trained, tmp_path):
     model, tok, path = trained
     rows = arithmetic_examples(12)

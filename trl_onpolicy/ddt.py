@@ -747,7 +747,7 @@ def sample_own_responses(
 ) -> list[dict]:
     """Sample the model's own response to each row's prompt (plain ancestral sampling: no top-k, top-p or penalties).
 
-    Returns one ``{"index", "prompt_ids", "completion_ids"}`` per row with a prompt, in input order; the completion
+    Returns one ``{"index", "prompt_ids", "completion_ids"}`` per row with a non-empty prompt, in input order; the completion
     ends with the EOS token when the model stopped on its own. Scoring these ids (pre-tokenized format) gives the
     model's own phi distribution: mean phi ~ 0 at temperature 1. Data-parallel like `score_dataset`.
     """
@@ -759,10 +759,13 @@ def sample_own_responses(
     prompts = []
     for i in local:
         try:
-            prompts.append((i, encoder.prompt_ids(dataset[i])))
+            ids = encoder.prompt_ids(dataset[i])
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, ValueError) and "needs prompts" in str(err):
                 raise
+            continue  # a row without a usable prompt (it is also skipped, with its reason, when scored)
+        if ids:
+            prompts.append((i, ids))
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))

@@ -11,9 +11,8 @@ data and config without downloading or training.
 from __future__ import annotations
 
 import difflib
-import math
 import importlib
-import json
+import math
 import os
 import re
 import sys
@@ -172,9 +171,15 @@ def resolve_model(name: str, dry_run: bool = False) -> tuple[str | None, str]:
             cached = models.cache_root() / "SmolLM2-135M-Instruct"
             if (cached / "config.json").is_file():
                 return str(cached), f"embedded model {name} (cached at {cached})"
-            gguf = models.smollm2_gguf_file()  # raises a clear error when the package is missing
+            try:
+                gguf = models.smollm2_gguf_file()
+            except (ImportError, FileNotFoundError) as e:  # the offline model package is missing
+                raise RecipeError(f"model_name_or_path={name!r}: {e}") from e
             return None, f"would convert the embedded GGUF {gguf} once (~30 s) and load it ({name})"
-        path = models.resolve_model_path(name)
+        try:
+            path = models.resolve_model_path(name)
+        except (ImportError, FileNotFoundError) as e:
+            raise RecipeError(f"model_name_or_path={name!r}: {e}") from e
         return path, f"embedded model {name} ({path})"
     if is_local(name):
         return str(Path(name).expanduser()), f"local folder {name}"
@@ -396,10 +401,6 @@ def common_plan(model_desc, data_desc, train, evaluation, training_args, model_a
         }
     )
     return plan
-
-
-def to_json(obj) -> str:
-    return json.dumps(obj, default=str, indent=2)
 
 
 # ------------------------------------------------------------------------------------------------ finishing
