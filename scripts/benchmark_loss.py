@@ -56,6 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds of all variants")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument(
+        "--inprocess",
+        action="store_true",
+        help="time only, in ONE process: all variants built side by side and stepped in turn (sft, idft, reference, "
+        "sft, ...), so a shared machine's load hits them alike; no memory figures",
+    )
     p.add_argument("--output_json", default=None)
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
@@ -153,17 +159,14 @@ def _reference_trainer_class():
     return ReferenceStyleIDFTTrainer
 
 
-def run_worker(args) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+def make_trainer(variant: str, args, callbacks=()):
+    """The trainer of one variant on a freshly built model (same weights and data for every variant)."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from trl_onpolicy import IDFTConfig, IDFTTrainer
 
-    variant = args._worker
     cuda = torch.cuda.is_available()
     model, tok = _build_model(args)
     vocab = model.config.get_text_config().vocab_size
@@ -194,7 +197,17 @@ def run_worker(args) -> None:
         trainer_cls, config = SFTTrainer, SFTConfig(**common)
     else:
         trainer_cls, config = _reference_trainer_class(), SFTConfig(**common)
+    return trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=list(callbacks))
 
+
+def run_worker(args) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from transformers import TrainerCallback
+
+    variant = args._worker
+    cuda = torch.cuda.is_available()
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -208,7 +221,9 @@ def run_worker(args) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
-    trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=[StepTimer()])
+    trainer = make_trainer(variant, args, [StepTimer()])
+    model = trainer.model
+    vocab = model.config.get_text_config().vocab_size
     rss_before_kib = _current_rss_kib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -243,12 +258,75 @@ def _current_rss_kib() -> float:
 # ------------------------------------------------------------------------------------------------------------ driver
 
 
+def run_inprocess(args) -> dict:
+    """Step-interleaved timing in one process: each round runs one optimizer step of every variant, in rotating order,
+    on the same batch; returns {variant: [step seconds]}."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tqdm.auto import tqdm
+
+    cuda = torch.cuda.is_available()
+    trainers = {v: make_trainer(v, args) for v in args.variants}
+    batch = None
+    for trainer in trainers.values():
+        trainer.create_optimizer_and_scheduler(num_training_steps=args.warmup + args.steps)
+        trainer.model.train()
+        if args.gradient_checkpointing:
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if batch is None:  # every variant trains on this same batch
+            batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    num_items = (batch["labels"][:, 1:] != -100).sum()
+
+    def one_step(trainer) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.training_step(trainer.model, dict(batch), num_items)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    times = {v: [] for v in args.variants}
+    rounds = args.warmup + args.steps * args.repeats
+    for r in tqdm(range(rounds), desc="interleaved rounds"):
+        k = r % len(args.variants)
+        for v in args.variants[k:] + args.variants[:k]:
+            elapsed = one_step(trainers[v])
+            if r >= args.warmup:
+                times[v].append(elapsed)
+    return times
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args._worker:
         run_worker(args)
         return 0
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--_")]
+    if args.inprocess:
+        t_all = time.time()
+        times = run_inprocess(args)
+        base = statistics.median(times["sft"])
+        print(
+            f"\nin-process step-interleaved timing: vocab {args.vocab_size}, seq {args.seq_len}, batch {args.batch_size}, "
+            f"{args.num_layers} layers, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+            f"{args.warmup} warm-up round(s), {len(times['sft'])} timed steps per variant\n"
+        )
+        print("| variant | step time, median (s) | x SFT | per-round ratio vs SFT, median |")
+        print("|---|---|---|---|")
+        summary = {}
+        for v, ts in times.items():
+            paired = statistics.median(t / b for t, b in zip(ts, times["sft"]))
+            summary[v] = {"step_times_s": ts, "step_time_median_s": statistics.median(ts), "paired_ratio_median": paired}
+            print(f"| {v} | {statistics.median(ts):.2f} | {statistics.median(ts) / base:.3f} | {paired:.3f} |")
+        print("\n(all step times in s: " + "; ".join(f"{v}: {[round(t, 2) for t in ts]}" for v, ts in times.items()) + ")")
+        print(f"total benchmark wall time {time.time() - t_all:.0f} s")
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump({"command": " ".join([os.path.basename(__file__), *forwarded]), "summary": summary}, f, indent=2)
+        return 0
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     from tqdm.auto import tqdm
 

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token_loss", default="idft", choices=["idft", "dft", "eaft", "nll"], help="token loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", default="gsm_symbolic", help="reasoning-gym task of trl_onpolicy.data.TASKS")
-    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--per_device_train_batch_size", type=int, default=2)
     p.add_argument("--max_length", type=int, default=256, help="tokens per sample (longer ones are truncated)")
     p.add_argument("--max_solution_chars", type=int, default=200, help="skip problems with longer worked solutions")
