@@ -13,6 +13,8 @@ _LAZY = {
     "IDFTTrainer": "idft_trainer",
     "hinted_decode": "hinted",
     "HintedDataCollator": "hinted_online",
+    "OnlineIDFTTrainer": "hinted_online",
+    "OnlineSFTTrainer": "hinted_online",
     "score_dataset": "ddt",
 }
 
