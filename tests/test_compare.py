@@ -172,3 +172,29 @@ def test_hinted_corpus_falls_back_to_references(tmp_path, tiny_model_dir):
     assert hinted["num_kept"] == hinted["num_realigned_used"] == 0
     assert hinted["num_reference_used"] == result["num_train_samples"] == 4
     assert result["corpus"] == "hinted_reference"
+
+
+def test_token_counter_counts_each_sequence_once():
+    import torch
+
+    class FakeTrainer:
+        def __init__(self):
+            self.callbacks = []
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            return 0.0
+
+        def add_callback(self, cb):
+            self.callbacks.append(cb)
+
+    trainer = FakeTrainer()
+    counter = compare._token_counter_callback(trainer, max_tokens=None)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    trainer.training_step(None, {"input_ids": torch.zeros(2, 4), "attention_mask": mask})  # SFT / DPO batch
+    assert counter["tokens"] == 5
+    trainer.training_step(None, {  # CPO/SimPO batch: chosen/rejected sequences include the prompt
+        "prompt_attention_mask": torch.ones(1, 2), "chosen_attention_mask": torch.ones(1, 3),
+        "rejected_attention_mask": torch.tensor([[1, 1, 1, 1, 0]])})
+    assert counter["tokens"] == 5 + 3 + 4
+    trainer.training_step(None, {"input_ids": torch.zeros(1, 6)})  # no mask: every position
+    assert counter["tokens"] == 18

@@ -389,7 +389,8 @@ def test_two_processes_match_one(trained, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "trl_onpolicy.ddt_cli", "--model_name_or_path", str(path), "--dataset_name", str(data),
-           "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--no_progress"]
+           "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--no_progress",
+           "--compare_self_samples", "--max_new_tokens", "4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -397,3 +398,6 @@ def test_two_processes_match_one(trained, tmp_path):
     assert summary["mean_phi"] == pytest.approx(api.summary["mean_phi"], abs=1e-5)
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [s["mean_phi"] for s in samples] == pytest.approx([s["mean_phi"] for s in api.samples], abs=1e-5)
+    own = [json.loads(line) for line in (tmp_path / "out" / "self_samples.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in own] == list(range(len(rows)))  # own responses of both processes, gathered in order
+    assert summary["self_samples"]["num_samples"] == len(rows)

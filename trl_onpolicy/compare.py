@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import math
 import os
 import sys
 import threading
@@ -302,7 +301,7 @@ class PeakMemory:
 
 
 def _token_counter_callback(trainer, max_tokens: int | None):
-    """Count non-padding tokens of every training batch (all ``*attention_mask`` tensors, else ``input_ids``) by
+    """Count non-padding tokens of every training batch (its attention masks, else ``input_ids``) by
     wrapping ``trainer.training_step``; stop training once ``max_tokens`` is reached."""
     from transformers import TrainerCallback
 
@@ -310,7 +309,13 @@ def _token_counter_callback(trainer, max_tokens: int | None):
     original = trainer.training_step
 
     def training_step(model, inputs, *args, **kwargs):
-        masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
+        # SFT/DPO batches carry one `attention_mask` over whole sequences; CPO/SimPO batches carry
+        # chosen_/rejected_attention_mask (prompt included) beside prompt_attention_mask, which would count prompts twice
+        if torch.is_tensor(inputs.get("attention_mask")):
+            masks = [inputs["attention_mask"]]
+        else:
+            masks = [v for k, v in inputs.items()
+                     if k.endswith("attention_mask") and not k.startswith("prompt_") and torch.is_tensor(v)]
         if masks:
             counter["tokens"] += int(sum(int(m.sum()) for m in masks))
         elif "input_ids" in inputs:

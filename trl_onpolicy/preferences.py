@@ -29,7 +29,6 @@ Command line (``trl-onpolicy pairs``)::
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +123,6 @@ def build_preference_pairs(rows: Sequence[dict], generate_fn: GenerateFn, config
     `model_generate_fn` wraps the evaluation generator). Returns ``(pairs, stats)``: ``pairs`` a list of
     ``{"prompt", "chosen", "rejected"}`` dicts in input order (conversational), ``stats`` the counts.
     """
-    from tqdm.auto import tqdm  # noqa: F401  (progress comes from the generator)
 
     config = config or PairConfig()
     checker = make_checker(config.checker)

@@ -25,6 +25,8 @@ import os
 import time
 from pathlib import Path
 
+from .data import TASKS
+
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=16, help="training problems (also scored before/after)")
     p.add_argument("--token_loss", default="idft", choices=["idft", "dft", "eaft", "nll"], help="token loss")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task", default="gsm_symbolic", help="reasoning-gym task of trl_onpolicy.data.TASKS")
+    p.add_argument("--task", default="gsm_symbolic", choices=list(TASKS), help="reasoning-gym task of the problems")
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--per_device_train_batch_size", type=int, default=2)
     p.add_argument("--max_length", type=int, default=256, help="tokens per sample (longer ones are truncated)")
