@@ -9,8 +9,9 @@ two workloads run on the same batch of token ids:
 
 Timing alternates the two (forward, ddt, forward, ddt, ...) so that a shared, noisy CPU affects both alike; the
 figure is the median over repetitions. Peak memory is the growth of the process's peak resident set (Linux VmHWM,
-reset before each workload via /proc/self/clear_refs) on CPU, ``torch.cuda.max_memory_allocated`` on GPU, above
-what was resident before the workload (model and inputs).
+reset before each workload via /proc/self/clear_refs; see `set_mmap_threshold`) on CPU,
+``torch.cuda.max_memory_allocated`` on GPU, above what was resident before the workload (model and inputs).
+Results: docs/benchmarks_ddt.md.
 
     python scripts/benchmark_ddt.py                       # vocab 49152 and 151936, 2 x 512 tokens
     python scripts/benchmark_ddt.py --real --vocab_sizes 49152 --batch 4 --seq 256

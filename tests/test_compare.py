@@ -4,6 +4,8 @@ import json
 import sys
 
 import pytest
+
+import trl_onpolicy
 import yaml
 
 from trl_onpolicy import compare
@@ -116,6 +118,8 @@ def test_failures_are_recorded_and_others_go_on(tmp_path, tiny_model_dir, monkey
 
     monkeypatch.setattr(Comparison, "train", flaky)
     monkeypatch.setitem(sys.modules, "trl_onpolicy.hinted_online", None)  # as if the module were not installed
+    # an earlier test in this process may have imported it: `from . import x` reads the package attribute first
+    monkeypatch.delattr(trl_onpolicy, "hinted_online", raising=False)
     path = _recipe(tmp_path, tiny_model_dir, ["dft", "idft_online", "sft"])
     assert compare.main(["--config", str(path)]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]
