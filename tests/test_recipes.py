@@ -14,9 +14,9 @@ from trl_onpolicy.scripts import dpo, simpo, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-# recipes/realign and recipes/compare belong to other commands (realign, compare) and are tested with them
+# recipes/ddt, recipes/realign and recipes/compare belong to other commands and are tested with them
 TRAINING_RECIPES = sorted(
-    p for p in RECIPES.glob("*/*.yaml") if p.parent.name not in ("accelerate", "realign", "compare")
+    p for p in RECIPES.glob("*/*.yaml") if p.parent.name not in ("accelerate", "ddt", "realign", "compare")
 )
 ENTRY = {"dpo": dpo, "simpo": simpo}
 

@@ -1,0 +1,31 @@
+"""The shipped recipes of the data commands (ddt, realign) parse with their command's TrlParser: every key known."""
+
+from pathlib import Path
+
+import pytest
+
+from trl_onpolicy.ddt_cli import DDTArguments, _parse
+from trl_onpolicy.realign import RealignConfig
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "ddt").glob("*.yaml")), ids=lambda p: p.name)
+def test_ddt_recipes_parse(path):
+    args, script_args, model_args = _parse(DDTArguments, ["--config", str(path)])
+    assert script_args.dataset_name and model_args.model_name_or_path and args.output_dir
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "realign").glob("*.yaml")), ids=lambda p: p.name)
+def test_realign_recipes_parse(path):
+    from trl import TrlParser
+
+    (config,) = TrlParser((RealignConfig,)).parse_args_and_config(["--config", str(path)])
+    assert isinstance(config, RealignConfig) and config.model_name_or_path and config.dataset_name
+
+
+def test_misspelled_recipe_key_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((RECIPES / "ddt" / "smollm2_gsm.yaml").read_text() + "max_new_tokenz: 3\n")
+    with pytest.raises((ValueError, SystemExit)):
+        _parse(DDTArguments, ["--config", str(bad)])
