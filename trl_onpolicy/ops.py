@@ -35,6 +35,21 @@ def lm_head_transform(model: nn.Module) -> dict:
     return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": getattr(config, "final_logit_softcapping", None)}
 
 
+# LM-head tiles [token_chunk x vocab_chunk] per device type: on CPU small enough to stay in cache (the statistics make
+# several passes over a tile), on GPU large enough for few kernel launches. Measured in docs/benchmarks_ddt.md.
+DEFAULT_TILES = {"cpu": (512, 2048), "cuda": (4096, 16384)}
+
+
+def default_tiles(device: torch.device | str, token_chunk: int | None = None, vocab_chunk: int | None = None) -> tuple[int, int]:
+    """``(token_chunk, vocab_chunk)`` for ``device``, keeping the values that are given (not None)."""
+    tc, vc = DEFAULT_TILES["cpu" if torch.device(device).type == "cpu" else "cuda"]
+    token_chunk, vocab_chunk = token_chunk or tc, vocab_chunk or vc
+    if token_chunk < 1 or vocab_chunk < 1:
+        raise ValueError(f"token_chunk and vocab_chunk must be >= 1 (or None for the device default); got "
+                         f"token_chunk={token_chunk}, vocab_chunk={vocab_chunk}.")
+    return token_chunk, vocab_chunk
+
+
 @torch.no_grad()
 def token_statistics(
     hidden: torch.Tensor,
@@ -46,16 +61,27 @@ def token_statistics(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     temperature: float = 1.0,
-    vocab_chunk: int = 16384,
-    token_chunk: int = 1024,
+    vocab_chunk: int | None = None,
+    token_chunk: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics of ``softmax(hidden @ weight.T)`` for every row of ``hidden`` ([N, H]); float32 outputs of shape [N].
 
     Returns ``entropy`` and ``varentropy``; with ``targets`` ([N] ids) also ``log_probs`` and ``is_top1``; with
     ``top_k`` also ``topk_entropy`` (entropy of the softmax over the k largest logits, before any normalisation).
+    ``vocab_chunk`` / ``token_chunk`` (None: `DEFAULT_TILES` for the device) set the logit tile.
+
+    Each ``[token_chunk, vocab_chunk]`` tile of (transformed) logits ``z`` is shifted by its row maximum ``m`` in place
+    and reduced to three sums, ``w = sum e``, ``S1 = sum e*s`` and ``S2 = sum e*s^2`` with ``s = z - m <= 0`` and
+    ``e = exp(s)``: the tile's mean is ``m + S1/w`` and its centred second moment ``S2 - S1^2/w`` (no cancellation
+    worth the name: ``|S1/w| <= log(vocab_chunk)``). Tiles are merged with Chan et al.'s parallel-variance formula,
+    weighted by ``exp(m - running max)``, and every mean is kept *relative to the running maximum*, so that logits of
+    size 1e4 lose nothing to float32 cancellation. Memory: about two tiles.
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
+    token_chunk, vocab_chunk = default_tiles(device, token_chunk, vocab_chunk)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None to skip the top-k entropy); got {top_k}.")
     f32 = dict(device=device, dtype=torch.float32)
     out = {name: torch.empty(n_tokens, **f32) for name in ("entropy", "varentropy")}
     if targets is not None:
@@ -67,58 +93,59 @@ def token_statistics(
     for t0 in range(0, n_tokens, token_chunk):
         h = hidden[t0 : t0 + token_chunk]
         n = h.shape[0]
-        # Running moments of each row's softmax over the tiles seen so far, all relative to the running max so that
-        # large logits (|z| ~ 1e4) lose no precision to cancellation: run_w = sum exp(z - run_max), run_mu = E_p[z] -
-        # run_max, run_m2 = sum exp(z - run_max) * (z - E_p[z])^2.
+        # Running moments of each row's softmax over the tiles seen so far: run_w = sum exp(z - run_max),
+        # run_mu = E_p[z] - run_max, run_m2 = sum exp(z - run_max) * (z - E_p[z])^2.
         run_max = run_w = run_mu = run_m2 = None
         target_z = torch.zeros(n, **f32)
         top = None
+        tg = targets[t0 : t0 + n] if targets is not None else None
         for v0 in range(0, vocab, vocab_chunk):
-            w_tile = weight[v0 : v0 + vocab_chunk]
-            z = (h @ w_tile.to(h.dtype).t()).float()
+            z = (h @ weight[v0 : v0 + vocab_chunk].to(h.dtype).t()).float()
+            width = z.shape[1]
             if bias is not None:
                 z += bias[v0 : v0 + vocab_chunk].float()
-            z = z * logit_scale
+            if logit_scale != 1.0:
+                z *= logit_scale
             if softcap is not None:
-                z = softcap * torch.tanh(z / softcap)
-            z = z / temperature
-
-            t_max = z.max(-1).values
-            d = z - t_max[:, None]
-            e = torch.exp(d)
-            t_w = e.sum(-1)
-            t_mu = (e * d).sum(-1) / t_w
-            t_m2 = (e * (d - t_mu[:, None]) ** 2).sum(-1)
-
-            if run_max is None:
-                run_max, run_w, run_mu, run_m2 = t_max, t_w, t_mu, t_m2
-            else:
-                # Chan et al.'s merge of two weighted moment sets, both re-expressed relative to the new max
-                new_max = torch.maximum(run_max, t_max)
-                scale_a, scale_b = torch.exp(run_max - new_max), torch.exp(t_max - new_max)
-                a, b = run_w * scale_a, t_w * scale_b
-                total = a + b
-                mu_a, mu_b = run_mu + (run_max - new_max), t_mu + (t_max - new_max)
-                delta = mu_b - mu_a
-                run_m2 = run_m2 * scale_a + t_m2 * scale_b + delta**2 * a * b / total
-                run_mu = mu_a + delta * b / total
-                run_w, run_max = total, new_max
-
-            if targets is not None:
-                local = targets[t0 : t0 + n] - v0
-                inside = (local >= 0) & (local < z.shape[1])
-                picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+                z.div_(softcap).tanh_().mul_(softcap)
+            if temperature != 1.0:
+                z /= temperature
+            if tg is not None:
+                local = tg - v0
+                inside = (local >= 0) & (local < width)
+                picked = z.gather(1, local.clamp(0, width - 1)[:, None]).squeeze(1)
                 target_z = torch.where(inside, picked, target_z)
             if top_k is not None:
-                k = min(top_k, z.shape[1])
-                cand = z.topk(k, dim=-1).values
-                top = cand if top is None else torch.cat([top, cand], -1).topk(min(top_k, top.shape[1] + k), -1).values
+                cand = z.topk(min(top_k, width), dim=-1).values
+                top = cand if top is None else torch.cat([top, cand], -1).topk(min(top_k, top.shape[1] + cand.shape[1]), -1).values
+
+            m = z.amax(-1)
+            s = z.sub_(m[:, None])  # in place: the logits themselves are no longer needed
+            e = s.exp()
+            t_w = e.sum(-1)
+            es = e.mul_(s)
+            t_mu = es.sum(-1) / t_w  # tile mean relative to the tile max
+            t_m2 = (es.mul_(s).sum(-1) - t_w * t_mu * t_mu).clamp_(min=0)
+
+            if run_max is None:
+                run_max, run_w, run_mu, run_m2 = m, t_w, t_mu, t_m2
+            else:
+                new_max = torch.maximum(run_max, m)
+                decay_run, decay_tile = torch.exp(run_max - new_max), torch.exp(m - new_max)
+                a, b = run_w * decay_run, t_w * decay_tile
+                total = a + b
+                mu_a, mu_b = run_mu + (run_max - new_max), t_mu + (m - new_max)
+                delta = mu_b - mu_a
+                run_m2 = run_m2 * decay_run + t_m2 * decay_tile + delta * delta * (a * b / total)
+                # convex combination: exact when one side's weight underflows to 0, however far apart the means are
+                run_mu = (a * mu_a + b * mu_b) / total
+                run_w, run_max = total, new_max
 
         log_w = torch.log(run_w)
         sl = slice(t0, t0 + n)
         out["entropy"][sl] = log_w - run_mu
         out["varentropy"][sl] = (run_m2 / run_w).clamp(min=0)
-        if targets is not None:
+        if tg is not None:
             out["log_probs"][sl] = (target_z - run_max) - log_w
             out["is_top1"][sl] = target_z >= run_max
         if top_k is not None:
