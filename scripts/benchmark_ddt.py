@@ -90,7 +90,8 @@ def build_model(vocab: int, layers: int, real: bool, device, dtype):
 
 
 def run(args) -> list[dict]:
-    from trl_onpolicy.ddt import default_tiles, score_token_ids
+    from trl_onpolicy.ddt import score_token_ids
+    from trl_onpolicy.ops import default_tiles
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
@@ -163,8 +164,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--vocab_chunk", type=int, default=None, help="default: trl_onpolicy.ddt.DEFAULT_TILES")
-    p.add_argument("--token_chunk", type=int, default=None, help="default: trl_onpolicy.ddt.DEFAULT_TILES")
+    p.add_argument("--vocab_chunk", type=int, default=None, help="default: trl_onpolicy.ops.DEFAULT_TILES")
+    p.add_argument("--token_chunk", type=int, default=None, help="default: trl_onpolicy.ops.DEFAULT_TILES")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

@@ -62,6 +62,11 @@ def parse_args(argv=None):
         help="time only, in ONE process: all variants built side by side and stepped in turn (sft, idft, reference, "
         "sft, ...), so a shared machine's load hits them alike; no memory figures",
     )
+    p.add_argument(
+        "--loss_only",
+        action="store_true",
+        help="time only the token-loss math and its backward on [seq_len] vectors (IDFT vs plain NLL), no model",
+    )
     p.add_argument("--output_json", default=None)
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
@@ -258,6 +263,34 @@ def _current_rss_kib() -> float:
 # ------------------------------------------------------------------------------------------------------------ driver
 
 
+def run_loss_only(num_tokens: int, calls: int = 200) -> dict:
+    """Median time of the loss math plus its backward on per-token vectors: what IDFT adds to SFT's step."""
+    import torch
+
+    from trl_onpolicy.losses import token_loss
+
+    torch.manual_seed(0)
+
+    def once(kind: str) -> float:
+        log_p = (-5 * torch.rand(num_tokens)).requires_grad_()
+        entropy, mask = 3 * torch.rand(num_tokens), torch.ones(num_tokens)
+        t0 = time.perf_counter()
+        per_token = -log_p if kind == "nll" else token_loss("idft", log_p, entropy)[0]
+        ((per_token * mask).sum() / mask.sum()).backward()
+        return time.perf_counter() - t0
+
+    result = {}
+    for kind in ("nll", "idft"):
+        for _ in range(20):
+            once(kind)
+        result[kind] = statistics.median(once(kind) for _ in range(calls))
+    print(
+        f"token-loss math + backward on {num_tokens} tokens, median of {calls} calls: nll {result['nll'] * 1e3:.3f} ms, "
+        f"idft {result['idft'] * 1e3:.3f} ms (IDFT adds {(result['idft'] - result['nll']) * 1e3:.3f} ms per step)"
+    )
+    return result
+
+
 def run_inprocess(args) -> dict:
     """Step-interleaved timing in one process: each round runs one optimizer step of every variant, in rotating order,
     on the same batch; returns {variant: [step seconds]}."""
@@ -305,6 +338,9 @@ def main(argv=None) -> int:
         run_worker(args)
         return 0
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--_")]
+    if args.loss_only:
+        run_loss_only(args.seq_len)
+        return 0
     if args.inprocess:
         t_all = time.time()
         times = run_inprocess(args)

@@ -117,24 +117,27 @@ def test_statistics_match_float64_full_softmax(tiny_tokenizer):
     assert sum(result.summary["phi_histogram"]["counts"]) == len(all_phi)
 
 
-@pytest.mark.parametrize("transform", [{}, {"logit_scale": 0.7, "softcap": 30.0, "temperature": 0.8}])
-def test_lm_head_moments_against_float64_and_ops(transform):
-    from trl_onpolicy.ddt import lm_head_moments
+@pytest.mark.parametrize("transform", [{}, {"logit_scale": 0.7, "softcap": 50.0, "temperature": 0.8}])
+def test_scoring_head_statistics_against_float64(transform):
+    """The LM-head statistics DDT scores with (`trl_onpolicy.ops.token_statistics`), with small tiles and with the
+    device's default tiles, against a float64 full softmax, including the model's logit transforms."""
     from trl_onpolicy.ops import full_softmax_statistics, token_statistics
 
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(37, 16, generator=gen) * torch.linspace(0.1, 8.0, 37)[:, None]  # flat to very peaked rows
-    weight, bias = torch.randn(301, 16, generator=gen), torch.randn(301, generator=gen)
-    targets = torch.randint(0, 301, (37,), generator=gen)
-    got = lm_head_moments(hidden, weight, targets, bias, vocab_chunk=64, token_chunk=10, **transform)
+    n, vocab = 537, 4301  # more than one default CPU tile (512 x 2048) in both directions
+    hidden = torch.randn(n, 16, generator=gen) * torch.linspace(0.1, 20.0, n)[:, None]  # flat to very peaked rows
+    weight, bias = torch.randn(vocab, 16, generator=gen), torch.randn(vocab, generator=gen)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
     z = (hidden.double() @ weight.double().t() + bias.double()) * transform.get("logit_scale", 1.0)
     if "softcap" in transform:
         z = transform["softcap"] * torch.tanh(z / transform["softcap"])
     ref = full_softmax_statistics(z / transform.get("temperature", 1.0), targets)
-    ops = token_statistics(hidden, weight, targets, bias, vocab_chunk=64, token_chunk=10, **transform)
+    small = token_statistics(hidden, weight, targets, bias, vocab_chunk=64, token_chunk=10, **transform)
+    default = token_statistics(hidden, weight, targets, bias, **transform)
     for key in ("log_probs", "entropy", "varentropy"):
-        torch.testing.assert_close(got[key].double(), ref[key], atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(got[key], ops[key], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(small[key].double(), ref[key], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(default[key].double(), ref[key], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(small[key], default[key], atol=2e-4, rtol=1e-4)
     assert ref["entropy"].min() < 0.05 and ref["entropy"].max() > 3  # both regimes are covered
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from trl_onpolicy.ops import (
+    DEFAULT_TILES,
     backbone,
+    default_tiles,
     capture_hidden_states,
     full_softmax_statistics,
     lm_head_transform,
@@ -145,6 +147,17 @@ def test_token_statistics_bf16_inputs():
     # The reference scores the bf16 matmul's own logits (the projection precision is the caller's choice)
     ref = full_softmax_statistics((hidden @ weight.t()).double(), targets, top_k=20)
     assert_stats_close(got, ref, atol=1e-4)
+
+
+def test_default_tiles_per_device_and_bad_sizes():
+    assert default_tiles("cpu") == DEFAULT_TILES["cpu"] and default_tiles(torch.device("cuda", 0)) == DEFAULT_TILES["cuda"]
+    assert default_tiles("cpu", token_chunk=7) == (7, DEFAULT_TILES["cpu"][1])
+    assert default_tiles("cpu", vocab_chunk=3) == (DEFAULT_TILES["cpu"][0], 3)
+    hidden, weight = torch.randn(4, 3), torch.randn(10, 3)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        token_statistics(hidden, weight, vocab_chunk=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        token_statistics(hidden, weight, top_k=0)
 
 
 class _Config:

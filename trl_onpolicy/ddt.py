@@ -10,8 +10,8 @@ Layers, from pure math to I/O:
 - `encode_example` / `encode_dataset`: turn one row of any format TRL's `SFTTrainer` accepts into
   ``(input_ids, completion_mask)`` with TRL's own tokenization helpers (or take pre-tokenized ids as they are).
 - `score_token_ids`: run the model's transformer body once per length-sorted batch and compute log p, entropy and
-  varentropy of the scored tokens tile by tile over the vocabulary (`lm_head_moments`, a leaner variant of
-  `trl_onpolicy.ops.token_statistics`): no ``[batch, time, vocabulary]`` logits are ever held.
+  varentropy of the scored tokens tile by tile over the vocabulary (`trl_onpolicy.ops.token_statistics`): no
+  ``[batch, time, vocabulary]`` logits are ever held.
 - `score_dataset`: all of the above, data-parallel across processes (torchrun / accelerate) when launched so.
 - `sample_own_responses`: the model's own temperature-1 responses to the dataset's prompts, for comparison.
 - `filter_dataset`: keep or drop rows by a per-sample statistic.
@@ -32,21 +32,12 @@ import numpy as np
 import torch
 
 from .losses import centered_log_likelihood
-from .ops import backbone, lm_head_transform
+from .ops import backbone, lm_head_transform, token_statistics
 
 THRESHOLDS = (-1.0, -3.0, -5.0)
 PHI_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 HIST_RANGE = (-12.0, 4.0)
 HIST_BINS = 64
-# LM-head tiles [token_chunk x vocab_chunk]: small enough to stay in CPU cache (the statistics make several passes
-# over a tile), large enough for few kernel launches on GPU
-DEFAULT_TILES = {"cpu": (512, 2048), "cuda": (4096, 16384)}
-
-
-def default_tiles(device: torch.device, token_chunk: int | None = None, vocab_chunk: int | None = None) -> tuple[int, int]:
-    """(token_chunk, vocab_chunk) for ``device``, where the given values are None."""
-    tc, vc = DEFAULT_TILES["cpu" if torch.device(device).type == "cpu" else "cuda"]
-    return token_chunk or tc, vocab_chunk or vc
 
 # reason -> what it means; every skipped row is counted under one of these in the summary's "skipped"
 SKIP_REASONS = {
@@ -408,79 +399,6 @@ def check_tokenizer_fits(model, tokenizer) -> None:
 # scoring
 
 
-@torch.no_grad()
-def lm_head_moments(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-    vocab_chunk: int = 2048,
-    token_chunk: int = 512,
-) -> dict[str, torch.Tensor]:
-    """``log_probs``, ``entropy`` and ``varentropy`` ([N], float32) of ``softmax(hidden @ weight.T)`` at ``targets``.
-
-    The same quantities as `trl_onpolicy.ops.token_statistics` (which also gives top-1 and top-k entropy), computed
-    for scoring speed: each ``[token_chunk, vocab_chunk]`` logit tile is shifted by its row maximum ``m`` in place,
-    and three sums give its moments, ``w = sum e``, ``S1 = sum e*s``, ``S2 = sum e*s^2`` with ``s = z - m <= 0`` and
-    ``e = exp(s)``: tile mean ``m + S1/w`` and centred second moment ``S2 - S1^2/w``. Tiles are merged with Chan's
-    parallel-variance formula weighted by ``exp(m - running max)``. Memory: about two tiles.
-    """
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    out = {name: torch.empty(n_tokens, **f32) for name in ("log_probs", "entropy", "varentropy")}
-    for t0 in range(0, n_tokens, token_chunk):
-        h = hidden[t0 : t0 + token_chunk]
-        tg = targets[t0 : t0 + token_chunk]
-        n = h.shape[0]
-        run_max = torch.full((n,), float("-inf"), **f32)
-        run_w, run_mu, run_m2, target_z = (torch.zeros(n, **f32) for _ in range(4))
-        for v0 in range(0, vocab, vocab_chunk):
-            z = (h @ weight[v0 : v0 + vocab_chunk].to(h.dtype).t()).float()
-            if bias is not None:
-                z += bias[v0 : v0 + vocab_chunk].float()
-            if logit_scale != 1.0:
-                z *= logit_scale
-            if softcap is not None:
-                z = softcap * torch.tanh(z / softcap)
-            if temperature != 1.0:
-                z /= temperature
-            local = tg - v0
-            inside = (local >= 0) & (local < z.shape[1])
-            picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-            target_z = torch.where(inside, picked, target_z)
-
-            m = z.amax(-1)
-            s = z.sub_(m[:, None])  # in place: z is no longer needed
-            e = s.exp()
-            w = e.sum(-1)
-            es = e.mul_(s)
-            s1 = es.sum(-1)
-            s2 = es.mul_(s).sum(-1)
-            mean_s = s1 / w
-            m2 = (s2 - s1 * mean_s).clamp_(min=0)
-            mu = m + mean_s
-
-            new_max = torch.maximum(run_max, m)
-            decay_run, decay_tile = torch.exp(run_max - new_max), torch.exp(m - new_max)
-            a, b = run_w * decay_run, w * decay_tile
-            total = a + b
-            delta = mu - run_mu
-            run_m2 = run_m2 * decay_run + m2 * decay_tile + delta**2 * a * b / total
-            run_mu = run_mu + delta * b / total
-            run_w, run_max = total, new_max
-        log_z = run_max + torch.log(run_w)
-        sl = slice(t0, t0 + n)
-        out["log_probs"][sl] = target_z - log_z
-        out["entropy"][sl] = log_z - run_mu
-        out["varentropy"][sl] = (run_m2 / run_w).clamp(min=0)
-    return out
-
-
-
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
     from tqdm.auto import tqdm
 
@@ -504,7 +422,8 @@ def score_token_ids(
 
     ``masks[i][j] = 1`` scores token ``j`` of sequence ``i`` (predicted from the tokens before it; position 0 is
     never scored). Sequences are sorted by length and batched (right padding); the transformer body runs once per
-    batch and the LM head is applied in vocabulary tiles by `lm_head_moments` to the scored positions only.
+    batch and the LM head is applied in vocabulary tiles by `trl_onpolicy.ops.token_statistics` to the scored positions
+    only (``vocab_chunk`` / ``token_chunk``: None for the device's `trl_onpolicy.ops.DEFAULT_TILES`).
     Returns, per sequence, float32 arrays ``phi``, ``log_probs``, ``entropy``, ``varentropy`` and int ``token_ids``,
     ``positions`` (index in the sequence).
     """
@@ -515,7 +434,6 @@ def score_token_ids(
     weight, bias = head.weight, getattr(head, "bias", None)
     transform = lm_head_transform(model)
     device = weight.device
-    token_chunk, vocab_chunk = default_tiles(device, token_chunk, vocab_chunk)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     batches, current, width = [], [], 0
     for i in order:
@@ -549,7 +467,7 @@ def score_token_ids(
             pred = score[:, 1:]  # hidden state at j-1 predicts token j
             h = hidden[:, :-1][pred]
             targets = ids[:, 1:][pred]
-            stats = lm_head_moments(h, weight, targets, bias, vocab_chunk=vocab_chunk, token_chunk=token_chunk, **transform)
+            stats = token_statistics(h, weight, targets, bias, vocab_chunk=vocab_chunk, token_chunk=token_chunk, **transform)
             phi = centered_log_likelihood(stats["log_probs"], stats["entropy"])
             counts = pred.sum(1).tolist()
             cols = {

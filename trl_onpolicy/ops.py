@@ -4,7 +4,10 @@ TRL's fused LM head (``model(..., fused_lm_head=True)``) already gives different
 Two statistics of the method need more: the *varentropy* ``Var_{v~p}[log p(v)]`` (DDT's z statistic) and the
 entropy of the distribution renormalised over its top-k logits (EAFT). `token_statistics` computes all of them in
 one pass over vocabulary tiles, with a numerically stable merge of the tiles' weighted moments (Chan et al.'s
-parallel variance, with weights ``exp(z - max)``): memory is one ``[token_chunk, vocab_chunk]`` tile.
+parallel variance, with weights ``exp(z - max)``): memory is about two ``[token_chunk, vocab_chunk]`` tiles. It is the
+one implementation used by the IDFT trainer (EAFT's top-k entropy), DDT scoring (`trl_onpolicy.ddt`) and the tools
+built on them; its tile arithmetic is in place and its tiles are cache-sized on CPU (`DEFAULT_TILES`), which makes
+DDT scoring as fast as a plain forward pass (docs/benchmarks_ddt.md).
 """
 
 from __future__ import annotations
