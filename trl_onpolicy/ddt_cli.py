@@ -150,39 +150,10 @@ class DDTFilterArguments(DDTArguments):
 
 def load_dataset_any(name: str, config: str | None = None, split: str = "train"):
     """A `datasets.Dataset` from a local file (json/jsonl/parquet/csv/arrow), a `save_to_disk` folder, a data
-    folder, ``reasoning-gym:TASK[:N]`` (offline math problems), or a Hub name, via
-    `trl_onpolicy.data.load_sft_dataset` (with a local fallback when that module is unavailable)."""
-    try:
-        from .data import load_sft_dataset  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        load_sft_dataset = None
-    if load_sft_dataset is not None:
-        return load_sft_dataset(name, split, **({"name": config} if config else {}))
+    folder, ``reasoning-gym:TASK[:N]`` (offline math problems), or a Hub name (`trl_onpolicy.data.load_sft_dataset`)."""
+    from .data import load_sft_dataset
 
-    import datasets
-
-    path = Path(name).expanduser()
-    if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"Unknown dataset file type {path.suffix!r} ({path}); use one of {sorted(FILE_BUILDERS)}.")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}; pass --dataset_train_split.")
-                loaded = loaded[split]
-            return loaded
-        return datasets.load_dataset(str(path), config, split=split)
-    try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as err:  # offline Hub, typo, ...: say what was tried
-        raise ValueError(
-            f"Could not load dataset {name!r}: it is not a local file or folder, and loading it from the Hub failed "
-            f"({type(err).__name__}: {err})."
-        ) from err
+    return load_sft_dataset(name, split, **({"name": config} if config else {}))
 
 
 def save_dataset_like(dataset, path: str | Path) -> Path:
@@ -210,28 +181,16 @@ def _device(requested: str | None) -> torch.device:
 
 
 def load_model(model_args, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from TRL's `ModelConfig` fields (`trl_onpolicy.models.load_model`)."""
+    from .models import load_model as load
 
-    name = model_args.model_name_or_path
-    if not name:
-        raise ValueError("Pass --model_name_or_path (a folder, a Hub id, or embedded:smollm2-135m-instruct).")
-    try:
-        from .models import resolve_model_path
-    except ImportError:  # pragma: no cover - models.py ships with the package
-        resolve_model_path = lambda x: x  # noqa: E731
-    path = resolve_model_path(name)
-    dtype = model_args.dtype
-    if dtype in (None, "auto"):
-        dtype = torch.float32 if device.type == "cpu" else "auto"
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    kwargs = {"revision": model_args.model_revision} if getattr(model_args, "model_revision", None) not in (None, "main") else {}
-    if getattr(model_args, "attn_implementation", None):
-        kwargs["attn_implementation"] = model_args.attn_implementation
-    tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "revision"})
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
-    model.eval()
-    return model, tokenizer
+    return load(
+        model_args.model_name_or_path,
+        model_args.dtype,
+        device,
+        revision=getattr(model_args, "model_revision", None),
+        attn_implementation=getattr(model_args, "attn_implementation", None),
+    )
 
 
 def _parse(dataclass_type, argv):

@@ -634,24 +634,11 @@ class EvalArguments:
 
 
 def load_model(name_or_path: str, dtype: str = "float32"):
-    """``(model, tokenizer)`` from a folder, Hub name or embedded alias (``embedded:smollm2-135m-instruct``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from a folder, Hub name or embedded alias, on CUDA when available
+    (`trl_onpolicy.models.load_model`)."""
+    from .models import load_model as load
 
-    path = name_or_path
-    if isinstance(path, str) and path.startswith("embedded:"):
-        from .models import resolve_model_path
-
-        path = resolve_model_path(path)
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model, tokenizer
+    return load(name_or_path, dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

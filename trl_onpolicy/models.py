@@ -139,13 +139,48 @@ def smollm2_path(cache_dir: str | Path | None = None) -> str:
 
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
     """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct (float32 by default: bf16 is slower on CPU)."""
+    return load_model(SMOLLM2_ALIAS, dtype=dtype, device=device)
+
+
+def _torch_dtype(dtype, device: torch.device):
+    if dtype is None or dtype == "auto":
+        # float32 on CPU (bf16 matmuls are slower there); elsewhere the checkpoint's own dtype
+        return torch.float32 if device.type == "cpu" else "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16.")
+    return resolved
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    *,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+):
+    """``(model, tokenizer)`` in eval mode for inference jobs (DDT scoring, realign, evaluation, pairs).
+
+    ``name_or_path`` is a Hub id, a local folder or an embedded alias (see `resolve_model_path`). ``device`` defaults
+    to CUDA when available, else CPU; ``dtype="auto"`` means float32 on CPU and the checkpoint's dtype elsewhere. A
+    tokenizer without a pad token gets its EOS token as pad (generation pads on the left with it).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if device is not None:
-        model = model.to(device)
-    return model, AutoTokenizer.from_pretrained(path)
+    if not name_or_path:
+        raise ValueError("No model given: pass --model_name_or_path (a folder, a Hub id, or embedded:smollm2-135m-instruct).")
+    path = resolve_model_path(name_or_path)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hub_kwargs = {"revision": revision} if revision not in (None, "main") else {}
+    model_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype, device), **hub_kwargs, **model_kwargs)
+    return model.to(device).eval(), tokenizer
 
 
 def resolve_model_path(name_or_path: str) -> str:

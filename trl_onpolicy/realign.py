@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .models import load_model
+
 DEFAULT_HINT_TEMPLATE = (
     "Here is a problem together with a reference solution.\n\n"
     "Problem:\n{question}\n\n"
@@ -340,24 +342,6 @@ def load_dataset_any(name: str, config: str | None = None, split: str = "train")
     from .data import load_sft_dataset
 
     return load_sft_dataset(name, split, **({"name": config} if config else {}))
-
-
-def load_model(name_or_path: str, dtype: str = "float32", device=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        from .models import resolve_model_path
-
-        name_or_path = resolve_model_path(name_or_path)
-    except ImportError:
-        pass
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------------
