@@ -9,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -56,3 +58,10 @@ def arithmetic_dataset():
     from datasets import Dataset
 
     return Dataset.from_list(arithmetic_examples())
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for torchrun/accelerate rendezvous (tests run in parallel workers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

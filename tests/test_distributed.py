@@ -10,14 +10,13 @@ deepspeed==0.19.8`); its first run JIT-compiles a small CPU communication extens
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import arithmetic_examples
+from conftest import arithmetic_examples, free_port
 from safetensors.torch import load_file
 
 from trl_onpolicy.scripts import train
@@ -29,12 +28,6 @@ ACCELERATE = ROOT / "recipes" / "accelerate"
 BIN = Path(sys.executable).parent
 LORA = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
         "--lora_target_modules", "q_proj", "v_proj"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cmd: list[str], timeout: int = 420) -> str:

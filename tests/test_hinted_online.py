@@ -3,6 +3,7 @@
 import hashlib
 
 import pytest
+from conftest import free_port
 import torch
 from datasets import Dataset
 
@@ -238,7 +239,7 @@ def test_online_ddp_two_processes_zero_staleness(tiny_model_dir, tmp_path):
     data_file = tmp_path / "data.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows(16)))
     (tmp_path / "ddp_online.py").write_text(DDP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(tmp_path / "ddp_online.py"), str(tiny_model_dir), str(data_file), str(tmp_path)]
     result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 from datasets import Dataset
 
@@ -294,7 +295,7 @@ def test_data_parallel_two_processes_match_one(tiny_model_dir, tmp_path):
                     drop_unfinished=False, score_reference=False, seed=3)
     out = tmp_path / "ddp"
     (tmp_path / "ddp_realign.py").write_text(DDP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(tmp_path / "ddp_realign.py"), str(tiny_model_dir), str(data_file), str(out),
            json.dumps({**settings, "output_dir": str(out)})]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

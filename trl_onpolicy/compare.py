@@ -480,45 +480,16 @@ class Comparison:
             return json.loads(path.read_text())
         n = min(len(dataset), int(self.cfg.phi.get("max_samples") or len(dataset)))
         subset = dataset.select(range(n)) if hasattr(dataset, "select") else dataset[:n]
-        try:
-            from .ddt import score_dataset
+        from .ddt import score_dataset
 
-            result = score_dataset(model, tokenizer, subset, max_length=self.cfg.budget.max_length,
-                                   batch_size=int(self.cfg.phi.get("batch_size", 8)), progress=self.progress,
-                                   desc=f"DDT phi ({name})")
-            s = result.summary
-            info = {"mean_phi": s.get("mean_phi"), "std_phi": s.get("std_phi"), "num_tokens": s.get("num_tokens"),
-                    "num_samples": s.get("num_samples"), "source": "trl_onpolicy.ddt.score_dataset"}
-        except ImportError:
-            info = self._phi_fallback(subset, model, tokenizer)
+        result = score_dataset(model, tokenizer, subset, max_length=self.cfg.budget.max_length,
+                               batch_size=int(self.cfg.phi.get("batch_size", 8)), progress=self.progress,
+                               desc=f"DDT phi ({name})")
+        s = result.summary
+        info = {"mean_phi": s.get("mean_phi"), "std_phi": s.get("std_phi"), "num_tokens": s.get("num_tokens"),
+                "num_samples": s.get("num_samples"), "source": "trl_onpolicy.ddt.score_dataset"}
         write_json_atomic(path, info)
         return info
-
-    def _phi_fallback(self, dataset, model, tokenizer) -> dict:
-        """Token-weighted mean phi with trl_onpolicy.ops.token_statistics when trl_onpolicy.ddt is not available."""
-        from .losses import centered_log_likelihood
-        from .ops import capture_hidden_states, lm_head_transform, token_statistics
-
-        total, count = 0.0, 0
-        model.eval()
-        with torch.no_grad():
-            for row in dataset:
-                prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-                full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-                p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                ids = tokenizer(full, add_special_tokens=False)["input_ids"][: self.cfg.budget.max_length]
-                if len(ids) <= len(p_ids):
-                    continue
-                x = torch.tensor([ids], device=model.device)
-                with capture_hidden_states(model) as cap:
-                    model(input_ids=x)
-                hidden = cap["hidden"][0, len(p_ids) - 1 : -1]
-                head = lm_head_transform(model)
-                stats = token_statistics(hidden, targets=x[0, len(p_ids):], **head)
-                phi = centered_log_likelihood(stats["log_probs"], stats["entropy"])
-                total += float(phi.sum())
-                count += phi.numel()
-        return {"mean_phi": total / max(count, 1), "num_tokens": count, "source": "trl_onpolicy.ops.token_statistics"}
 
     # ---- training --------------------------------------------------------------------------------------------------
 
