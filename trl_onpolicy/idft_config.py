@@ -10,7 +10,8 @@ from trl import SFTConfig
 from .losses import EAFT_ENTROPY_MODES, IDFT_DETACH_MODES, TOKEN_LOSS_TYPES
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """Whether torch sees a CUDA (or other) accelerator."""
     if torch.cuda.is_available():
         return True
     for name in ("xpu", "npu", "mlu", "musa", "hpu"):
@@ -18,6 +19,13 @@ def _has_accelerator() -> bool:
         if backend is not None and getattr(backend, "is_available", lambda: False)():
             return True
     return False
+
+
+def default_bf16_for_machine(args) -> None:
+    """TRL's configs default to bf16 mixed precision, which refuses to start on a machine without an accelerator:
+    resolve an unset ``bf16`` to False there (and with ``use_cpu``). Call before the config's own ``__post_init__``."""
+    if args.bf16 is None and not args.fp16 and (args.use_cpu or not has_accelerator()):
+        args.bf16 = False
 
 
 @dataclass
@@ -102,9 +110,7 @@ class IDFTConfig(SFTConfig):
     eaft_top_k: int = field(default=20, metadata={"help": "k for eaft_entropy='topk' (>= 2)."})
 
     def __post_init__(self):
-        # TRL defaults to bf16 mixed precision, which fails on a machine without an accelerator: default to fp32 there
-        if self.bf16 is None and not self.fp16 and (self.use_cpu or not _has_accelerator()):
-            self.bf16 = False
+        default_bf16_for_machine(self)
         self._validate_token_loss()
         super().__post_init__()
 
@@ -141,7 +147,7 @@ class IDFTConfig(SFTConfig):
                 "loss_type",
                 self.loss_type,
                 "IDFTConfig chooses the loss with `token_loss`; leave TRL's `loss_type` at 'nll' "
-                f"(for DFT set token_loss='dft').",
+                "(for DFT set token_loss='dft').",
             )
         pc = self.parallelism_config
         if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):

@@ -25,7 +25,6 @@ Library use: `realign_dataset(model, tokenizer, dataset, config)`; the CLI is `m
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os

@@ -24,16 +24,6 @@ SFT_COLUMNS = (("messages",), ("prompt", "completion"), ("text",), ("input_ids",
 PREFERENCE_COLUMNS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
 
 
-def no_accelerator() -> bool:
-    import torch
-
-    if torch.cuda.is_available():
-        return False
-    return not any(
-        getattr(getattr(torch, name, None), "is_available", lambda: False)() for name in ("xpu", "npu", "mlu", "musa", "hpu")
-    )
-
-
 class RecipeError(ValueError):
     """A recipe or command line that cannot run: the message says which key is wrong and how to fix it."""
 
@@ -441,3 +431,38 @@ def run_main(body, prog: str):
     except RecipeError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
+
+
+def run_recipe(prog: str, parser, argv, columns, describe, build_trainer) -> int:
+    """The body every training entry point shares: parse the recipe, resolve the model and the data, check the
+    columns, then either print the dry-run plan or build the trainer, train, save and end the run.
+
+    ``describe(training_args, model_args) -> dict`` gives the trainer-specific plan lines (at least ``trainer`` and
+    ``loss``); ``build_trainer(model_path, training_args, model_args, script_args, train, evaluation)`` the trainer.
+    """
+
+    def body():
+        script_args, training_args, model_args, dataset_args, run_args = parse_recipe(parser, argv)
+        check_required(script_args, model_args, dataset_args)
+        model_path, model_desc = resolve_model(model_args.model_name_or_path, dry_run=run_args.dry_run)
+        need_eval = training_args.eval_strategy != "no"
+        train, evaluation, data_desc = load_splits(script_args, dataset_args, need_eval, run_args.dry_run)
+        for dataset, what in ((train, "training"), (evaluation, "evaluation")):
+            if dataset is not None:
+                check_columns(dataset, columns, what)
+        plan = describe(training_args, model_args)
+        if run_args.dry_run:
+            if model_path is not None:
+                model_desc += ": " + describe_model_config(model_path, model_args)
+            plan.update(
+                common_plan(model_desc, data_desc, train, evaluation, training_args, model_args,
+                            run_args.dry_run_num_processes, script_args.dataset_train_split)
+            )
+            print_plan(prog, plan)
+            return 0
+        trainer = build_trainer(model_path, training_args, model_args, script_args, train, evaluation)
+        trainer.accelerator.print(f"[trl-onpolicy] {plan['trainer']}: {model_desc}; data: {data_desc}; loss: {plan['loss']}")
+        train_and_finish(trainer, training_args, script_args.dataset_name)
+        return 0
+
+    return run_main(body, prog)

@@ -15,23 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .common import (
-    PREFERENCE_COLUMNS,
-    check_columns,
-    check_required,
-    common_plan,
-    describe_model_config,
-    load_splits,
-    make_parser,
-    model_init_kwargs,
-    no_accelerator,
-    parse_recipe,
-    print_plan,
-    resolve_model,
-    run_main,
-    train_and_finish,
-    world_size,
-)
+from ..idft_config import default_bf16_for_machine
+from .common import PREFERENCE_COLUMNS, make_parser, model_init_kwargs, run_recipe, world_size
 
 PROG = "trl-onpolicy simpo"
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -71,8 +56,7 @@ class SimPOConfig(CPOConfig):
                 f"SimPOConfig.cpo_alpha={self.cpo_alpha!r} is invalid: pure SimPO has no NLL term; set cpo_alpha: 0 "
                 "(cpo_alpha > 0 is CPO-SimPO, which this entry point does not train)."
             )
-        if self.bf16 is None and not self.fp16 and (self.use_cpu or no_accelerator()):
-            self.bf16 = False
+        default_bf16_for_machine(self)
         super().__post_init__()
 
 
@@ -80,46 +64,30 @@ def make_simpo_parser():
     return make_parser(SimPOConfig, PROG)
 
 
+def describe(training_args, model_args) -> dict:
+    loss = f"simpo (beta {training_args.beta}, gamma {training_args.simpo_gamma}, cpo_alpha {training_args.cpo_alpha})"
+    return {"trainer": "trl.experimental.cpo.CPOTrainer", "loss": loss, "reference": "none (SimPO is reference-free)"}
+
+
+def build_trainer(model_path, training_args, model_args, script_args, train, evaluation):
+    from trl import get_peft_config
+    from trl.experimental.cpo import CPOTrainer
+
+    kwargs = model_init_kwargs(model_args, training_args, with_quantization=True)
+    if world_size() > 1 or kwargs.get("quantization_config") is None:
+        kwargs.setdefault("device_map", None)  # CPOTrainer defaults to device_map="auto", wrong under DDP/ZeRO
+    training_args.model_init_kwargs = kwargs
+    return CPOTrainer(
+        model=model_path,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        peft_config=get_peft_config(model_args),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    def body():
-        script_args, training_args, model_args, dataset_args, run_args = parse_recipe(make_simpo_parser(), argv)
-        check_required(script_args, model_args, dataset_args)
-        model_path, model_desc = resolve_model(model_args.model_name_or_path, dry_run=run_args.dry_run)
-        need_eval = training_args.eval_strategy != "no"
-        train, evaluation, data_desc = load_splits(script_args, dataset_args, need_eval, run_args.dry_run)
-        if train is not None:
-            check_columns(train, PREFERENCE_COLUMNS, "training")
-        if evaluation is not None:
-            check_columns(evaluation, PREFERENCE_COLUMNS, "evaluation")
-        loss = f"simpo (beta {training_args.beta}, gamma {training_args.simpo_gamma}, cpo_alpha {training_args.cpo_alpha})"
-
-        if run_args.dry_run:
-            if model_path is not None:
-                model_desc += ": " + describe_model_config(model_path, model_args)
-            plan = {"trainer": "trl.experimental.cpo.CPOTrainer", "loss": loss, "reference": "none (SimPO is reference-free)"}
-            plan.update(common_plan(model_desc, data_desc, train, evaluation, training_args, model_args, run_args.dry_run_num_processes, script_args.dataset_train_split))
-            print_plan(PROG, plan)
-            return 0
-
-        from trl import get_peft_config
-        from trl.experimental.cpo import CPOTrainer
-
-        kwargs = model_init_kwargs(model_args, training_args, with_quantization=True)
-        if world_size() > 1 or kwargs.get("quantization_config") is None:
-            kwargs.setdefault("device_map", None)  # CPOTrainer defaults to device_map="auto", wrong under DDP/ZeRO
-        training_args.model_init_kwargs = kwargs
-        trainer = CPOTrainer(
-            model=model_path,
-            args=training_args,
-            train_dataset=train,
-            eval_dataset=evaluation,
-            peft_config=get_peft_config(model_args),
-        )
-        trainer.accelerator.print(f"[trl-onpolicy] SimPO: {model_desc}; data: {data_desc}; {loss}")
-        train_and_finish(trainer, training_args, script_args.dataset_name)
-        return 0
-
-    return run_main(body, PROG)
+    return run_recipe(PROG, make_simpo_parser(), argv, PREFERENCE_COLUMNS, describe, build_trainer)
 
 
 if __name__ == "__main__":
