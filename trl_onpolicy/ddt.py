@@ -575,6 +575,15 @@ def _barrier() -> None:
         state.wait_for_everyone()
 
 
+def end_processes() -> None:
+    """At the end of a data-parallel job: wait for every process, then destroy the process group, so that no rank
+    exits while another still works (an early exit can abort a peer under gloo)."""
+    state = _distributed_state()
+    if state is not None:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 def is_main_process() -> bool:
     state = _distributed_state()
     return state is None or state.is_main_process

@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if not script_args.dataset_name:
         raise ValueError("Pass --dataset_name (a local file or folder, or a Hub dataset name).")
     run_ddt(args, script_args, model_args)
+    ddt.end_processes()
     return 0
 
 
@@ -384,6 +385,7 @@ def filter_main(argv: list[str] | None = None) -> int:
     if not args.scores_file and not model_args.model_name_or_path:
         raise ValueError("Pass --scores_file (samples.jsonl of `trl-onpolicy ddt`) or --model_name_or_path to score.")
     run_filter(args, script_args, model_args)
+    ddt.end_processes()
     return 0
 
 

@@ -595,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary is not None:
         print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
         print(f"Wrote {Path(config.output_dir) / 'train.jsonl'} ({summary['num_kept']} of {summary['num_samples']} kept).")
+    from .ddt import end_processes
+
+    end_processes()
     return 0
 
 

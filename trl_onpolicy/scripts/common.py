@@ -419,7 +419,10 @@ def train_and_finish(trainer, training_args, dataset_name=None) -> None:
     trainer.accelerator.print(f"[trl-onpolicy] model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
-    # finish the trackers and destroy the process group, as TRL's own scripts do
+    # only the main process writes in save_model/push_to_hub: wait for it, so that no rank tears down its process
+    # group while another still works (a rank that exits early can abort with "terminate called without an active
+    # exception" under gloo); then finish the trackers and destroy the group, as TRL's own scripts do
+    trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):
         trainer.end()
 
