@@ -678,7 +678,7 @@ def sample_own_responses(
     ends with the EOS token when the model stopped on its own. Scoring these ids (pre-tokenized format) gives the
     model's own phi distribution: mean phi ~ 0 at temperature 1. Data-parallel like `score_dataset`.
     """
-    from transformers import GenerationConfig
+    from .generation import generate_ids
 
     columns = list(dataset[0].keys()) if isinstance(dataset, list) else list(dataset.column_names)
     encoder = Encoder(tokenizer, detect_format(columns, dataset_text_field))
@@ -693,39 +693,15 @@ def sample_own_responses(
             continue  # a row without a usable prompt (it is also skipped, with its reason, when scored)
         if ids:
             prompts.append((i, ids))
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
-    config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        eos_token_id=sorted(eos_ids), pad_token_id=pad,
-    )
     state = _distributed_state()
     torch.manual_seed(seed + (state.process_index if state else 0))
-    device = model.get_output_embeddings().weight.device
     prompts.sort(key=lambda x: -len(x[1]))
     out = []
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
-        for chunk in _progress(chunks, "sampling own responses", progress and is_main_process()):
-            width = max(len(p) for _, p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attn = torch.zeros(len(chunk), width, dtype=torch.long)
-            for r, (_, p) in enumerate(chunk):  # left padding
-                ids[r, width - len(p) :] = torch.as_tensor(p)
-                attn[r, width - len(p) :] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config)
-            for r, (i, p) in enumerate(chunk):
-                completion = []
-                for t in gen[r, width:].tolist():
-                    completion.append(t)
-                    if t in eos_ids:
-                        break
-                out.append({"index": i, "prompt_ids": p, "completion_ids": completion})
-    finally:
-        model.train(was_training)
+    chunks = [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
+    for chunk in _progress(chunks, "sampling own responses", progress and is_main_process()):
+        outs = generate_ids(model, tokenizer, [p for _, p in chunk], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=1.0)
+        out.extend({"index": i, "prompt_ids": p, "completion_ids": ids} for (i, p), (ids, _) in zip(chunk, outs))
     return sorted(_gather(out), key=lambda x: x["index"])
 
 

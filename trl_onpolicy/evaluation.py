@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .generation import generate_ids
 from .answers import EXTRACTORS, grade_response, make_checker
 
 Z95 = 1.959963984540054
@@ -134,17 +135,6 @@ def render_prompts(tokenizer, prompts: Sequence) -> list[str]:
     return out
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, "eos_token_id", None)
-        if value is not None:
-            ids.update(value if isinstance(value, (list, tuple)) else [value])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
-
-
 @torch.no_grad()
 def generate_responses(
     model,
@@ -182,45 +172,18 @@ def generate_responses(
     draws = 1 if greedy else num_samples
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     rows = sorted(((i, j) for i in range(len(texts)) for j in range(draws)), key=lambda r: -len(encoded[r[0]]))
-    eos = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     results: list[list[Generation | None]] = [[None] * draws for _ in texts]
-    try:
-        bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
-        for b, start in enumerate(range(0, len(rows), batch_size)):
-            batch = rows[start : start + batch_size]
-            seqs = [encoded[i] for i, _ in batch]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-            attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-            kwargs: dict[str, Any] = dict(
-                max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad_id, use_cache=True
-            )
-            if greedy:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            torch.manual_seed(seed + b)
-            out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)[:, width:].tolist()
-            for (i, j), ids in zip(batch, out):
-                finished = False
-                for pos, tok in enumerate(ids):
-                    if tok in eos:
-                        ids, finished = ids[: pos + 1], True
-                        break
-                else:
-                    while ids and ids[-1] == pad_id and pad_id not in eos:
-                        ids = ids[:-1]
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                results[i][j] = Generation(text=text, num_tokens=len(ids), finished=finished)
-            bar.update(len(batch))
-        bar.close()
-    finally:
-        if was_training:
-            model.train()
+    bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        batch = rows[start : start + batch_size]
+        torch.manual_seed(seed + b)
+        outs = generate_ids(model, tokenizer, [encoded[i] for i, _ in batch], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p)
+        for (i, j), (ids, finished) in zip(batch, outs):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            results[i][j] = Generation(text=text, num_tokens=len(ids), finished=finished)
+        bar.update(len(batch))
+    bar.close()
     if greedy and num_samples > 1:
         return [[r[0]] * num_samples for r in results]
     return results  # type: ignore[return-value]

@@ -242,21 +242,14 @@ def _output_vocab_size(model) -> int | None:
 
 
 def resolve_eos_token_ids(model, tokenizer, eos_token_ids=None) -> list[int]:
-    """The ids that end a sample: ``eos_token_ids`` if given, else the model's ``generation_config.eos_token_id``
-    (an int or a list) together with the tokenizer's ``eos_token_id``; falls back to ``config.eos_token_id``."""
+    """The ids that end a sample: ``eos_token_ids`` if given, else `trl_onpolicy.generation.eos_token_ids` (the
+    model's generation-config EOS ids together with the tokenizer's)."""
     if eos_token_ids is not None:
         ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
         return sorted({int(i) for i in ids})
-    found: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if value is not None:
-            found.update([value] if isinstance(value, int) else value)
-            break
-    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if tok_eos is not None:
-        found.add(int(tok_eos))
-    return sorted(int(i) for i in found)
+    from .generation import eos_token_ids as default_eos_ids
+
+    return default_eos_ids(model, tokenizer)
 
 
 def _validate(beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, max_new_tokens, temperature, top_p,

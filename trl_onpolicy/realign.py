@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .generation import eos_token_ids, generate_ids
 from .models import load_model
 
 DEFAULT_HINT_TEMPLATE = (
@@ -223,43 +224,12 @@ def hinted_messages(question: str, reference: str, template: str = DEFAULT_HINT_
     return messages + [{"role": "user", "content": template.format(question=question, reference=reference)}]
 
 
-@torch.no_grad()
 def sample_continuations(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                          temperature: float = 0.0, top_p: float = 1.0, keep_eos: bool = False) -> list[list[int]]:
-    """Continuations of token-id prompts (left-padded batch through `model.generate`; greedy when temperature is
-    0), cut after the first EOS (kept with ``keep_eos``)."""
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, **sampling)
-    finally:
-        model.train(was_training)
-    eos = _eos_ids(model, tokenizer)
-    results = []
-    for row in out[:, width:].tolist():
-        cut = next((j for j, t in enumerate(row) if t in eos), None)
-        results.append(row if cut is None else row[: cut + 1] if keep_eos else row[:cut])
-    return results
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if value is None:
-            continue
-        ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return ids
+    """Continuations of token-id prompts (`trl_onpolicy.generation.generate_ids`; greedy when temperature is 0), cut
+    after the first EOS (kept with ``keep_eos``)."""
+    outs = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    return [ids if keep_eos or not finished else ids[:-1] for ids, finished in outs]
 
 
 def build_hinted_prompt_ids(model, tokenizer, questions, references, *, template=DEFAULT_HINT_TEMPLATE, system_prompt=None,
@@ -390,7 +360,7 @@ def _completion_text(tokenizer, ids: list[int], eos: set[int]) -> str:
 def realign_shard(model, tokenizer, rows: list[dict], indices: list[int], config: RealignConfig, shard: int,
                   checker: Callable | None, progress=None) -> list[dict]:
     """Re-align, score and check the rows of one shard; returns one output record per row (kept or not)."""
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     records = []
     for b0 in range(0, len(rows), config.batch_size):
         batch, batch_idx = rows[b0 : b0 + config.batch_size], indices[b0 : b0 + config.batch_size]
