@@ -238,18 +238,24 @@ def _open_cache(out: Path, meta: dict) -> Path:
 
 def _chunked(cache: Path, name: str, num_rows: int, chunk_rows: int, compute) -> list:
     """Concatenated ``compute(start, end)`` over row chunks; each finished chunk is pickled under ``cache`` so that an
-    interrupted run resumes after the last finished chunk."""
+    interrupted run resumes after the last finished chunk.
+
+    Under several processes ``compute`` is collective (every rank scores a share and gathers), so every rank must
+    skip the same chunks: the finished ones are listed once, behind a barrier, before anything new is written."""
+    ddt._barrier()
+    paths = [cache / f"{name}-{k:05d}.pkl" for k in range(math.ceil(num_rows / chunk_rows))]
+    finished = [p.exists() for p in paths]
+    ddt._barrier()
     out = []
-    starts = list(range(0, num_rows, chunk_rows))
-    for k, start in enumerate(starts):
-        path = cache / f"{name}-{k:05d}.pkl"
-        if path.exists():
+    for k, (path, done) in enumerate(zip(paths, finished)):
+        if done:
             with open(path, "rb") as f:
                 out.extend(pickle.load(f))
             continue
+        start = k * chunk_rows
         part = compute(k, start, min(num_rows, start + chunk_rows))
         if ddt.is_main_process():
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # a name of its own: never shared with another writer
             with open(tmp, "wb") as f:
                 pickle.dump(part, f)
             os.replace(tmp, path)
