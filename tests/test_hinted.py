@@ -139,7 +139,7 @@ def test_batched_matches_no_cache_reference(setup, mode, kwargs):
     assert reasons == {"eos", "length", "repetition"}
     split = [r for r in results if r.splitter_pos is not None and r.splitter_pos < len(r.token_ids)]
     assert split and all(all(lam == 1.0 for lam in r.lambdas[r.splitter_pos :]) for r in split)
-    assert len(mixed) >= 10
+    assert len(mixed) >= 5 and max(mixed) - min(mixed) > 0.3  # lambda really mixes, over a wide range
 
 
 def test_llama_architecture_and_chunking(tiny_tokenizer):

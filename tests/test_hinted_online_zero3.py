@@ -27,69 +27,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-ZERO3_SCRIPT = r'''
-import hashlib, json, sys
-import deepspeed
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-import trl_onpolicy.hinted as hm
-from trl_onpolicy import IDFTConfig
-from trl_onpolicy.hinted_online import OnlineIDFTTrainer
-
-torch.set_num_threads(1)
-model_dir, data_file, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(model_dir)
-tok = AutoTokenizer.from_pretrained(model_dir)
-names = [n for n, _ in model.named_parameters()]
-
-def fingerprint(m):
-    """sha1 of the full parameters; under ZeRO-3 call it only while they are gathered."""
-    h = hashlib.sha1()
-    for n, p in m.named_parameters():
-        assert tuple(p.shape) == tuple(getattr(p, "ds_shape", p.shape)) and p.numel() > 0, f"{n} is not gathered"
-        h.update(p.detach().float().numpy().tobytes())
-    return h.hexdigest()
-
-generated, forwards, shard_sizes = {}, [], []
-real = hm.hinted_decode
-def wrapped(model, tokenizer, hinted, plain, **kw):
-    results = real(model, tokenizer, hinted, plain, **kw)
-    f = fingerprint(model)  # unwrap_model_for_generation keeps the ZeRO-3 parameters gathered here
-    for p, r in zip(plain, results):
-        generated[tuple(list(p) + list(r.token_ids))] = f
-    return results
-hm.hinted_decode = wrapped
-
-def pre_hook(module, args, kwargs):
-    if module.training:  # generation and scoring run in eval mode
-        params = list(module.parameters())
-        shard_sizes.append(sum(p.numel() == 0 for p in params))  # parameters partitioned away on this rank
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            f = fingerprint(module)
-        seqs = [tuple(r[m.bool()].tolist()) for r, m in zip(kwargs["input_ids"], kwargs["attention_mask"])]
-        forwards.append((f, seqs))
-model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-rows = [json.loads(line) for line in open(data_file)]
-args = IDFTConfig(output_dir=out + "/run", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
-                  learning_rate=5e-2, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
-                  save_strategy="no", seed=0, logging_steps=1, disable_tqdm=True)
-trainer = OnlineIDFTTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                            hinted_collator_kwargs=dict(max_new_tokens=4, temperature=1.0, top_p=1.0, splitter=None,
-                                                        checker="none", on_reject="keep"))
-trainer.train()
-ok = all(s in generated and generated[s] == f for f, seqs in forwards for s in seqs)
-logged = [h for h in trainer.state.log_history if "hinted/acceptance_rate" in h]
-with open(f"{out}/rank{trainer.accelerator.process_index}.json", "w") as fh:
-    json.dump({"ok": ok, "fps": [f for f, _ in forwards], "rows": [[list(s) for s in seqs] for _, seqs in forwards],
-               "generated": len(generated), "world": trainer.accelerator.num_processes,
-               "distributed_type": str(trainer.accelerator.distributed_type),
-               "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
-               "shard_sizes": shard_sizes, "global_step": trainer.state.global_step, "logged": logged}, fh)
-'''
-
-
 def fingerprint(model) -> str:
     h = hashlib.sha1()
     for p in model.parameters():
@@ -103,8 +40,7 @@ def test_online_zero3_two_processes_zero_staleness(tiny_model_dir, tmp_path):
     saved model and move every step."""
     data_file = tmp_path / "data.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows(16)))
-    script = tmp_path / "zero3_online.py"
-    script.write_text(ZERO3_SCRIPT)
+    script = Path(__file__).with_name("online_child.py")
     cmd = [BIN / "accelerate", "launch", "--config_file", ROOT / "recipes" / "accelerate" / "cpu_zero3_2proc.yaml",
            "--main_process_port", free_port(), script, tiny_model_dir, data_file, tmp_path]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",

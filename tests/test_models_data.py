@@ -221,3 +221,20 @@ def test_smollm2_conversion_matches_gguf(converted_smollm2, monkeypatch, tmp_pat
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     (tmp_path / "SmolLM2-135M-Instruct").symlink_to(converted_smollm2)
     assert models.resolve_model_path(models.SMOLLM2_ALIAS) == str(tmp_path / "SmolLM2-135M-Instruct")
+
+
+def test_saved_tiny_model_reloads_the_same_tokenizer(tiny_model_dir, tiny_tokenizer):
+    """A saved tiny folder goes through AutoTokenizer like a Hub model and tokenizes exactly like the in-memory one
+    (an independent reload, not the object itself), chat template and special tokens included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert type(reloaded) is type(tiny_tokenizer)
+    text = "Tom has 12 apples and buys 345 more: 12 + 345 = 357. \\boxed{357} ünïcode<|im_end|>"
+    assert reloaded(text).input_ids == tiny_tokenizer(text).input_ids
+    assert reloaded.decode(reloaded(text).input_ids) == text
+    assert [t for t in tiny_tokenizer.tokenize("2026") if t.strip("Ġ")] == ["2", "0", "2", "6"]  # Qwen2 digit split
+    chat = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    assert reloaded.apply_chat_template(chat, tokenize=False) == tiny_tokenizer.apply_chat_template(chat, tokenize=False)
+    assert (reloaded.eos_token, reloaded.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size >= len(reloaded)

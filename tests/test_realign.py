@@ -282,6 +282,8 @@ config = realign.RealignConfig(**json.loads(sys.argv[4]))
 realign.realign_dataset(model, tok, Dataset.from_list(rows), config, checker=None, state=state, progress=False)
 with open(f"{out}/rank{state.process_index}.json", "w") as f:
     json.dump({"world": state.num_processes, "shards": done}, f)
+from trl_onpolicy.distributed import end_processes
+end_processes()  # as the CLI does: no rank exits while a peer still talks to it
 '''
 
 

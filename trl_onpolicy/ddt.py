@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import distributed_state, gather_objects, is_main_process, local_indices
 from .losses import centered_log_likelihood
 from .ops import backbone, lm_head_transform, token_statistics
 
@@ -541,54 +542,6 @@ def _json_safe(obj):
     return obj
 
 
-def _distributed_state():
-    """accelerate's process state when launched with several processes (torchrun / accelerate launch), else None."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state if state.num_processes > 1 else None
-
-
-def _gather(items: list) -> list:
-    state = _distributed_state()
-    if state is None:
-        return items
-    from accelerate.utils import gather_object
-
-    return gather_object(items)
-
-
-def _local_indices(n: int) -> list[int]:
-    state = _distributed_state()
-    if state is None:
-        return list(range(n))
-    return list(range(state.process_index, n, state.num_processes))
-
-
-def _barrier() -> None:
-    state = _distributed_state()
-    if state is not None:
-        state.wait_for_everyone()
-
-
-def end_processes() -> None:
-    """At the end of a data-parallel job: wait for every process, then destroy the process group, so that no rank
-    exits while another still works (an early exit can abort a peer under gloo)."""
-    state = _distributed_state()
-    if state is not None:
-        state.wait_for_everyone()
-        state.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    state = _distributed_state()
-    return state is None or state.is_main_process
-
-
 def score_dataset(
     model,
     tokenizer,
@@ -622,7 +575,7 @@ def score_dataset(
     fmt = detect_format(columns, dataset_text_field)
     check_tokenizer_fits(model, tokenizer)
     encoder = Encoder(tokenizer, fmt, dataset_text_field, max_length, output_vocab_size(model))
-    local = _local_indices(n_rows)
+    local = local_indices(n_rows)
     show = progress and is_main_process()
 
     sequences, masks, kept, skipped = [], [], [], {}
@@ -649,7 +602,7 @@ def score_dataset(
     for i, reason in skipped.items():
         local_records.append(({"index": i, "skipped": reason}, None))
 
-    gathered = sorted(_gather(local_records), key=lambda x: x[0]["index"])
+    gathered = sorted(gather_objects(local_records), key=lambda x: x[0]["index"])
     samples = [r for r, _ in gathered]
     tokens = [a for _, a in gathered]
     return DDTResult(summary=corpus_summary(tokens, samples), samples=samples, tokens=tokens)
@@ -682,7 +635,7 @@ def sample_own_responses(
 
     columns = list(dataset[0].keys()) if isinstance(dataset, list) else list(dataset.column_names)
     encoder = Encoder(tokenizer, detect_format(columns, dataset_text_field))
-    local = _local_indices(len(dataset))
+    local = local_indices(len(dataset))
     prompts = []
     for i in local:
         try:
@@ -693,7 +646,7 @@ def sample_own_responses(
             continue  # a row without a usable prompt (it is also skipped, with its reason, when scored)
         if ids:
             prompts.append((i, ids))
-    state = _distributed_state()
+    state = distributed_state()
     torch.manual_seed(seed + (state.process_index if state else 0))
     prompts.sort(key=lambda x: -len(x[1]))
     out = []
@@ -702,7 +655,7 @@ def sample_own_responses(
         outs = generate_ids(model, tokenizer, [p for _, p in chunk], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=1.0)
         out.extend({"index": i, "prompt_ids": p, "completion_ids": ids} for (i, p), (ids, _) in zip(chunk, outs))
-    return sorted(_gather(out), key=lambda x: x["index"])
+    return sorted(gather_objects(out), key=lambda x: x["index"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

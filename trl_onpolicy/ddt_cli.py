@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import ddt
+from . import ddt, distributed
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -175,9 +175,7 @@ def save_dataset_like(dataset, path: str | Path) -> Path:
 def _device(requested: str | None) -> torch.device:
     if requested:
         return torch.device(requested)
-    from accelerate import PartialState
-
-    return PartialState().device
+    return distributed.process_state().device
 
 
 def load_model(model_args, device: torch.device):
@@ -225,14 +223,14 @@ def _cache_meta(args: DDTArguments, script_args, model_args, num_rows: int) -> d
 def _open_cache(out: Path, meta: dict) -> Path:
     """``out/.ddt_cache``, emptied when it was written for different arguments."""
     cache = out / ".ddt_cache"
-    if ddt.is_main_process():
+    if distributed.is_main_process():
         meta_file = cache / "meta.json"
         if cache.exists() and (not meta_file.exists() or json.loads(meta_file.read_text()) != ddt._json_safe(meta)):
             print(f"[ddt] {cache} holds results of other arguments: starting afresh")
             shutil.rmtree(cache)
         cache.mkdir(parents=True, exist_ok=True)
         meta_file.write_text(json.dumps(ddt._json_safe(meta), indent=2))
-    ddt._barrier()
+    distributed.barrier()
     return cache
 
 
@@ -242,10 +240,10 @@ def _chunked(cache: Path, name: str, num_rows: int, chunk_rows: int, compute) ->
 
     Under several processes ``compute`` is collective (every rank scores a share and gathers), so every rank must
     skip the same chunks: the finished ones are listed once, behind a barrier, before anything new is written."""
-    ddt._barrier()
+    distributed.barrier()
     paths = [cache / f"{name}-{k:05d}.pkl" for k in range(math.ceil(num_rows / chunk_rows))]
     finished = [p.exists() for p in paths]
-    ddt._barrier()
+    distributed.barrier()
     out = []
     for k, (path, done) in enumerate(zip(paths, finished)):
         if done:
@@ -254,7 +252,7 @@ def _chunked(cache: Path, name: str, num_rows: int, chunk_rows: int, compute) ->
             continue
         start = k * chunk_rows
         part = compute(k, start, min(num_rows, start + chunk_rows))
-        if ddt.is_main_process():
+        if distributed.is_main_process():
             tmp = path.with_suffix(f".{os.getpid()}.tmp")  # a name of its own: never shared with another writer
             with open(tmp, "wb") as f:
                 pickle.dump(part, f)
@@ -288,6 +286,7 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
     summary["model"] = model_args.model_name_or_path
     summary["dataset"] = script_args.dataset_name
     summary["max_length"] = args.max_length
+    summary["num_processes"] = distributed.num_processes()
     own = None
     if args.compare_self_samples:
         def generate_chunk(k, start, end):
@@ -318,7 +317,7 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
             record["index"] = g["index"]
             record["completion"] = tokenizer.decode(g["completion_ids"], skip_special_tokens=True)
 
-    if ddt.is_main_process():
+    if distributed.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(ddt._json_safe(summary), indent=2) + "\n")
         result.write_samples(out / "samples.jsonl")
@@ -348,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if not script_args.dataset_name:
         raise ValueError("Pass --dataset_name (a local file or folder, or a Hub dataset name).")
     run_ddt(args, script_args, model_args)
-    ddt.end_processes()
+    distributed.end_processes()
     return 0
 
 
@@ -373,7 +372,7 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
         suffix = source.suffix.lower() if source.is_file() and source.suffix.lower() in FILE_BUILDERS else ""
         target = Path(args.output_dir) / f"filtered{suffix}"
     report["output_path"] = str(target)
-    if ddt.is_main_process():
+    if distributed.is_main_process():
         save_dataset_like(filtered, target)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "filter_report.json").write_text(json.dumps(ddt._json_safe(report), indent=2) + "\n")
@@ -391,7 +390,7 @@ def filter_main(argv: list[str] | None = None) -> int:
     if not args.scores_file and not model_args.model_name_or_path:
         raise ValueError("Pass --scores_file (samples.jsonl of `trl-onpolicy ddt`) or --model_name_or_path to score.")
     run_filter(args, script_args, model_args)
-    ddt.end_processes()
+    distributed.end_processes()
     return 0
 
 

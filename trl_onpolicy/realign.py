@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import end_processes, process_state
 from .generation import eos_token_ids, generate_ids
 from .models import load_model
 
@@ -479,9 +480,7 @@ def realign_dataset(model, tokenizer, dataset, config: RealignConfig, *, checker
     if config.output_dir is None:
         raise ValueError("RealignConfig.output_dir is required: the folder to write shards and the dataset to.")
     if state is None:
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = process_state()
     checker = resolve_checker(config.checker) if checker == "config" else resolve_checker(checker)
     _check_columns(dataset, config)
     if config.max_samples is not None:
@@ -544,12 +543,10 @@ def merge_shards(config: RealignConfig, num_samples: int, num_shards: int) -> di
 
 def run_realign(config: RealignConfig) -> dict | None:
     """Load the model and dataset named by ``config`` and re-align (data-parallel under torchrun/accelerate)."""
-    from accelerate import PartialState
-
     for name in ("model_name_or_path", "dataset_name", "output_dir"):
         if getattr(config, name) is None:
             raise ValueError(f"realign needs `{name}` (in the recipe or as --{name}).")
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     dataset = load_dataset_any(config.dataset_name, config.dataset_config, config.dataset_split)
     model, tokenizer = load_model(config.model_name_or_path, config.dtype, device=state.device)
     return realign_dataset(model, tokenizer, dataset, config, state=state)
@@ -565,8 +562,6 @@ def main(argv: list[str] | None = None) -> int:
     if summary is not None:
         print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
         print(f"Wrote {Path(config.output_dir) / 'train.jsonl'} ({summary['num_kept']} of {summary['num_samples']} kept).")
-    from .ddt import end_processes
-
     end_processes()
     return 0
 

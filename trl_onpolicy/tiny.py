@@ -1,7 +1,7 @@
 """Tiny, offline causal LMs for tests, benchmarks and smoke runs (no Hub access).
 
-`make_tiny_tokenizer` trains a byte-level BPE tokenizer (every string is encodable) with ChatML specials and TRL's
-Qwen2.5 chat template; `make_tiny_model` builds a randomly initialised `Qwen2ForCausalLM` around it. A saved folder
+`make_tiny_tokenizer` trains a byte-level BPE `Qwen2Tokenizer` (every string is encodable) with ChatML specials and
+TRL's Qwen2.5 chat template; `make_tiny_model` builds a randomly initialised `Qwen2ForCausalLM` around it. A saved folder
 loads with `AutoModelForCausalLM/AutoTokenizer.from_pretrained` like any Hub model, so recipes can name it.
 """
 
@@ -30,12 +30,26 @@ def chat_template() -> str:
 
 
 def make_tiny_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE `Qwen2Tokenizer` trained on a few sentences, with ChatML specials and TRL's Qwen2.5 template.
+
+    It is trained with Qwen2's own normaliser and pre-tokeniser (digits split one by one) and returned as a
+    `Qwen2Tokenizer`, so a saved copy reloads through `AutoTokenizer` (which picks `Qwen2Tokenizer` for a Qwen2 model
+    folder) into exactly the same tokenizer.
+    """
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
@@ -43,11 +57,17 @@ def make_tiny_tokenizer(vocab_size: int = 512):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:]
+    bpe = json.loads(tok.to_str())["model"]
+    qwen = Qwen2Tokenizer(
+        vocab=bpe["vocab"],
+        merges=[tuple(m) for m in bpe["merges"]],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
     )
-    fast.chat_template = chat_template()
-    return fast
+    qwen.chat_template = chat_template()
+    return qwen
 
 
 def make_tiny_model(tokenizer=None, *, hidden_size: int = 64, num_layers: int = 2, extra_vocab: int = 0, seed: int = 0):
