@@ -53,6 +53,18 @@ def arithmetic_examples(n: int = 32, conversational: bool = True):
     return rows
 
 
+def word_problem_rows(n: int) -> list[dict]:
+    """(question, solution, answer) rows in SFT prompt/completion form, for the Hinted Decoding tests."""
+    out = []
+    for i in range(n):
+        a, b = i % 7 + 1, (3 * i) % 5 + 2
+        q = f"Tom has {a} apples and buys {b} more. How many apples does he have?"
+        s = f"He has {a} + {b} = {a + b} apples. #### {a + b}"
+        out.append({"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": s}],
+                    "question": q, "solution": s, "answer": str(a + b)})
+    return out
+
+
 @pytest.fixture
 def arithmetic_dataset():
     from datasets import Dataset

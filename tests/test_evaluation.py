@@ -133,6 +133,15 @@ def test_eval_set_specs_and_loading(tmp_path):
         EvalSet.from_spec("chain_sum")
     with pytest.raises(ValueError, match="temperature"):
         EvalConfig(num_samples=4, temperature=0.0)
+    # the shared sampler fields (generation.SamplingConfig) are checked for evaluation and for preference pairs
+    from trl_onpolicy.preferences import PairConfig
+
+    for cls in (EvalConfig, PairConfig):
+        for bad, field_name in [(dict(top_p=0.0), "top_p"), (dict(batch_size=0), "batch_size"),
+                                (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_samples=0), "num_samples"),
+                                (dict(temperature=-0.5), "temperature")]:
+            with pytest.raises(ValueError, match=field_name):
+                cls(**bad)
 
 
 def test_evaluate_counts_exactly_with_controlled_generations(tiny_model, tmp_path, monkeypatch):

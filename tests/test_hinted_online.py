@@ -3,7 +3,7 @@
 import hashlib
 
 import pytest
-from conftest import free_port
+from conftest import free_port, word_problem_rows
 import torch
 from datasets import Dataset
 
@@ -13,15 +13,7 @@ from trl_onpolicy.hinted_online import HINTED_KEY, OnlineIDFTTrainer, OnlineSFTT
 from trl_onpolicy.idft_trainer import IDFTTrainer
 
 
-def rows(n):
-    out = []
-    for i in range(n):
-        a, b = i % 7 + 1, (3 * i) % 5 + 2
-        q = f"Tom has {a} apples and buys {b} more. How many?"
-        s = f"{a} + {b} = {a + b}. #### {a + b}"
-        out.append({"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": s}],
-                    "question": q, "solution": s, "answer": str(a + b)})
-    return out
+rows = word_problem_rows
 
 
 def fingerprint(model) -> str:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from conftest import word_problem_rows as rows
 from transformers import AutoModelForCausalLM
 
-from test_hinted_online import rows
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, word_problem_rows
 import torch
 from datasets import Dataset
 
@@ -29,15 +29,7 @@ from trl_onpolicy.realign import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rows(n):
-    out = []
-    for i in range(n):
-        a, b = i % 7 + 1, (3 * i) % 5 + 2
-        q = f"Tom has {a} apples and buys {b} more. How many apples does he have?"
-        s = f"He has {a} + {b} = {a + b} apples. #### {a + b}"
-        out.append({"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": s}],
-                    "question": q, "solution": s, "answer": str(a + b)})
-    return out
+rows = word_problem_rows
 
 
 def small_config(out, **kw):

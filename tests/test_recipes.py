@@ -176,6 +176,28 @@ def test_invalid_values_and_columns(tiny_model_dir, sft_file, pairs_file, capsys
     assert rc == 2 and "test_split_size" in err
 
 
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    """`trl-onpolicy <data command>` turns a bad value or a missing file into one error line and exit status 2 (no
+    model is loaded); TRL_ONPOLICY_TRACEBACK=1 re-raises for bug reports."""
+    from trl_onpolicy import cli
+
+    monkeypatch.delenv("TRL_ONPOLICY_TRACEBACK", raising=False)
+    for argv, needle in [
+        (["pairs", "--top_p", "0"], "top_p must be in (0, 1]"),
+        (["eval", "--num_samples", "4", "--temperature", "0"], "greedy decoding gives k identical"),
+        (["ddt-filter", "--output_dir", str(tmp_path / "o"), "--scores_file", str(tmp_path / "s.jsonl"),
+          "--filter_by", "mean_phi", "--min_value", "-1", "--dataset_name", str(tmp_path / "nowhere.jsonl")],
+         "nowhere.jsonl' does not exist"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"trl-onpolicy {argv[0]}: error:") and needle in err, err
+        assert "Traceback" not in err
+    monkeypatch.setenv("TRL_ONPOLICY_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="top_p"):
+        cli.main(["pairs", "--top_p", "0"])
+
+
 # ---------------------------------------------------------------------------------- overrides, env, data sources
 
 

@@ -6,6 +6,7 @@ TRL's `TrlParser` where a recipe applies), so `trl-onpolicy <command> --help` do
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import import_module
 
@@ -42,7 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target = COMMANDS[name][0]
     module, _, func = target.partition(":")
-    result = getattr(import_module(module), func or "main")(rest)
+    try:
+        result = getattr(import_module(module), func or "main")(rest)
+    except (ValueError, FileNotFoundError) as err:
+        # bad input (a value out of range, a missing file or column): one clear line and exit status 2, as argparse
+        # does for a bad flag; TRL_ONPOLICY_TRACEBACK=1 shows the full traceback instead (for bug reports)
+        if os.environ.get("TRL_ONPOLICY_TRACEBACK", "0").lower() not in ("", "0", "false", "no"):
+            raise
+        print(f"trl-onpolicy {name}: error: {err}\n(set TRL_ONPOLICY_TRACEBACK=1 for the full traceback)",
+              file=sys.stderr, flush=True)
+        return 2
     return int(result or 0)
 
 

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .generation import generate_ids
+from .generation import SamplingConfig, generate_ids
 from .answers import EXTRACTORS, grade_response, make_checker
 
 Z95 = 1.959963984540054
@@ -433,32 +433,25 @@ def load_eval_set(spec: EvalSet) -> list[dict]:
 
 
 @dataclass
-class EvalConfig:
-    """Generation and scoring settings shared by every set of one evaluation.
+class EvalConfig(SamplingConfig):
+    """Generation and scoring settings shared by every set of one evaluation: the sampler fields of
+    `trl_onpolicy.generation.SamplingConfig` (``num_samples``: 1 = greedy pass@1 with ``temperature=0``, k > 1 =
+    avg@k; ``temperature``, ``top_p``, ``max_new_tokens`` (per-set override: `EvalSet.max_new_tokens`),
+    ``batch_size``, ``seed``) and:
 
     Args:
-        num_samples: responses per prompt; 1 = greedy pass@1 (with ``temperature=0``), k > 1 = avg@k.
-        temperature: 0 = greedy; > 0 = sampling (with ``top_p``).
-        top_p: nucleus threshold when sampling.
-        max_new_tokens: generation length limit (per-set override: `EvalSet.max_new_tokens`).
-        batch_size: sequences per ``generate`` call.
-        seed: sampling seed.
         backend: ``"hf"`` (``model.generate``) or ``"vllm"`` (when installed; needs a model folder).
         check_workers: threads grading responses (math-verify runs with its timeouts off in threads).
         progress: show tqdm bars.
     """
 
-    num_samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    backend: str = "hf"
-    check_workers: int = 1
-    progress: bool = True
+    num_samples: int = field(default=1, metadata={"help": "Samples per prompt (k of avg@k; needs temperature > 0)."})
+    backend: str = field(default="hf", metadata={"help": "'hf' or 'vllm' (when installed).", "choices": ["hf", "vllm"]})
+    check_workers: int = field(default=1, metadata={"help": "Threads grading answers."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_samples > 1 and self.temperature <= 0:
             raise ValueError(
                 f"num_samples={self.num_samples} with temperature={self.temperature}: greedy decoding gives k identical "
@@ -573,8 +566,8 @@ def format_metrics(results: dict[str, dict]) -> str:
 
 
 @dataclass
-class EvalArguments:
-    """Arguments of ``trl-onpolicy eval``."""
+class EvalArguments(EvalConfig):
+    """Arguments of ``trl-onpolicy eval``: every `EvalConfig` field, and what to evaluate."""
 
     model_name_or_path: str = field(
         default="embedded:smollm2-135m-instruct", metadata={"help": "Model folder, Hub name or embedded alias."}
@@ -584,15 +577,7 @@ class EvalArguments:
         metadata={"help": "Evaluation sets: 'name=task[:n[:seed]]' or 'name=path/to/file.jsonl' (YAML: mappings too)."},
     )
     output_dir: str = field(default="runs/eval", metadata={"help": "Where metrics.json and per-set jsonl files go."})
-    num_samples: int = field(default=1, metadata={"help": "Samples per prompt (k of avg@k; needs temperature > 0)."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold when sampling."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation length limit."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per generate call."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    backend: str = field(default="hf", metadata={"help": "'hf' or 'vllm' (when installed).", "choices": ["hf", "vllm"]})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
-    check_workers: int = field(default=1, metadata={"help": "Threads grading answers."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (1 is often fastest on a shared CPU)."})
 
 
@@ -612,16 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     sets = [EvalSet.from_spec(s) for s in args.sets]
-    config = EvalConfig(
-        num_samples=args.num_samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        backend=args.backend,
-        check_workers=args.check_workers,
-    )
+    config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
     model, tokenizer = load_model(args.model_name_or_path, args.dtype)
     results = evaluate(model if args.backend == "hf" else args.model_name_or_path, tokenizer, sets, config, args.output_dir)
     print(format_metrics(results))

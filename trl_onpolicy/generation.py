@@ -7,8 +7,39 @@ Hinted Decoding's two-stream generator is in `trl_onpolicy.hinted`; this module 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled, shared by evaluation (`EvalConfig`) and preference pairs (`PairConfig`).
+
+    Args:
+        num_samples: responses per prompt (>= 1).
+        temperature: 0 = greedy; > 0 = sampling (with ``top_p``).
+        top_p: nucleus threshold when sampling, in (0, 1].
+        max_new_tokens: generation length limit (>= 1).
+        batch_size: sequences per ``generate`` call (>= 1).
+        seed: sampling seed.
+    """
+
+    num_samples: int = field(default=1, metadata={"help": "Responses sampled per prompt."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 = sampling with top_p."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold when sampling, in (0, 1]."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation length limit."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per generate call."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+
+    def __post_init__(self):
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .answers import EXTRACTORS, extract_answer, grade_response, make_checker, to_number
+from .generation import SamplingConfig
 
 ON_NO_INCORRECT = ("drop", "resample", "corrupt")
 # generate_fn(prompts, num_samples, round_index) -> per prompt, a list of response strings
@@ -42,12 +43,12 @@ GenerateFn = Callable[[list, int, int], list[list[str]]]
 
 
 @dataclass
-class PairConfig:
-    """How pairs are built.
+class PairConfig(SamplingConfig):
+    """How pairs are built: the sampler fields of `trl_onpolicy.generation.SamplingConfig` (``num_samples`` = k,
+    responses sampled per prompt to find an incorrect one, default 4; ``temperature`` > 0, default 1.0; ``top_p``,
+    ``max_new_tokens``, ``batch_size``, ``seed``) and:
 
     Args:
-        num_samples: k, responses sampled per prompt to find an incorrect one.
-        temperature / top_p / max_new_tokens / batch_size / seed: the sampler (as in evaluation).
         on_no_incorrect: ``"drop"``, ``"resample"`` or ``"corrupt"`` (see the module docstring).
         max_resample_rounds: extra rounds for ``"resample"``.
         resample_temperature: temperature of the extra rounds (higher finds mistakes more easily).
@@ -56,27 +57,29 @@ class PairConfig:
         prompt_column / completion_column / answer_column: the SFT columns read.
     """
 
-    num_samples: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    on_no_incorrect: str = "drop"
-    max_resample_rounds: int = 2
-    resample_temperature: float = 1.2
-    checker: str | None = "math_verify"
-    extract_order: list[str] = field(default_factory=lambda: list(EXTRACTORS))
-    require_correct_reference: bool = True
-    prompt_column: str = "prompt"
-    completion_column: str = "completion"
-    answer_column: str = "answer"
+    num_samples: int = field(default=4, metadata={"help": "k responses sampled per prompt."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    on_no_incorrect: str = field(
+        default="drop",
+        metadata={"help": "drop | resample | corrupt (see trl_onpolicy.preferences).", "choices": list(ON_NO_INCORRECT)},
+    )
+    max_resample_rounds: int = field(default=2, metadata={"help": "Extra rounds for on_no_incorrect=resample."})
+    resample_temperature: float = field(default=1.2, metadata={"help": "Temperature of the extra rounds."})
+    checker: str | None = field(default="math_verify", metadata={"help": "Answer checker."})
+    extract_order: list[str] = field(
+        default_factory=lambda: list(EXTRACTORS), metadata={"help": "Answer extractors, tried in order."}
+    )
+    require_correct_reference: bool = field(
+        default=True, metadata={"help": "Drop rows whose reference answer does not check as correct."}
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of the SFT data."})
+    completion_column: str = field(default="completion", metadata={"help": "Completion (reference) column."})
+    answer_column: str = field(default="answer", metadata={"help": "Final-answer column."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.on_no_incorrect not in ON_NO_INCORRECT:
             raise ValueError(f"on_no_incorrect={self.on_no_incorrect!r}; choose one of {list(ON_NO_INCORRECT)}.")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}.")
         if self.temperature <= 0:
             raise ValueError(
                 f"temperature={self.temperature}: pairs need sampled responses (temperature > 0), otherwise all k samples "
@@ -259,8 +262,8 @@ def make_preference_dataset(model, tokenizer, rows, config: PairConfig | None = 
 
 
 @dataclass
-class PairArguments:
-    """Arguments of ``trl-onpolicy pairs``."""
+class PairArguments(PairConfig):
+    """Arguments of ``trl-onpolicy pairs``: every `PairConfig` field, and where the rows come from and go to."""
 
     model_name_or_path: str = field(default="embedded:smollm2-135m-instruct", metadata={"help": "Model that samples."})
     dataset_name: str | None = field(
@@ -270,16 +273,6 @@ class PairArguments:
     num_prompts: int = field(default=64, metadata={"help": "Number of generated SFT rows when no dataset_name."})
     data_seed: int = field(default=0, metadata={"help": "Seed of the generated SFT rows."})
     output_dir: str = field(default="runs/pairs", metadata={"help": "Where the preference dataset is saved."})
-    num_samples: int = field(default=4, metadata={"help": "k responses sampled per prompt."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation length limit."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per generate call."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    on_no_incorrect: str = field(
-        default="drop", metadata={"help": "drop | resample | corrupt (see trl_onpolicy.preferences).", "choices": list(ON_NO_INCORRECT)}
-    )
-    checker: str = field(default="math_verify", metadata={"help": "Answer checker."})
 
 
 def load_sft_rows(dataset_name: str | None, task: str, n: int, seed: int) -> list[dict]:
@@ -301,16 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import load_model
 
     (args,) = TrlParser(PairArguments).parse_args_and_config(argv)
-    config = PairConfig(
-        num_samples=args.num_samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        on_no_incorrect=args.on_no_incorrect,
-        checker=args.checker,
-    )
+    config = PairConfig(**{f.name: getattr(args, f.name) for f in fields(PairConfig)})
     rows = load_sft_rows(args.dataset_name, args.task, args.num_prompts, args.data_seed)
     model, tokenizer = load_model(args.model_name_or_path)
     dataset, stats = make_preference_dataset(model, tokenizer, rows, config, args.output_dir)
