@@ -231,7 +231,8 @@ def test_cli_sigkill_mid_run_then_resume(tiny_model_dir, tmp_path):
                 time.sleep(600)
             return True
     """))
-    recipe = _write_recipe(tmp_path, tiny_model_dir, data_file, out, checker="slowcheck:check")
+    # score_reference: every row checks its reference ("#### N" always yields an answer), so the checker always runs
+    recipe = _write_recipe(tmp_path, tiny_model_dir, data_file, out, checker="slowcheck:check", score_reference=True)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "trl_onpolicy.cli", "realign", "--config", str(recipe)]
     proc = subprocess.Popen(cmd, env={**env, "STALL_AFTER": str(first)}, cwd=REPO, stdout=subprocess.DEVNULL,
