@@ -30,7 +30,7 @@ def fingerprint(model) -> str:
     h = hashlib.sha1()
     for name, p in model.named_parameters():
         assert tuple(p.shape) == tuple(getattr(p, "ds_shape", p.shape)) and p.numel() > 0, f"{name} is not gathered"
-        h.update(p.detach().float().numpy().tobytes())
+        h.update(p.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()
 
 

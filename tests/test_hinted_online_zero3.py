@@ -9,7 +9,6 @@ DeepSpeed must be installed (`pip install deepspeed==0.19.8`); its first run JIT
 (~80 s, cached under ~/.cache/torch_extensions).
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 from conftest import word_problem_rows as rows
+from online_child import fingerprint
 from transformers import AutoModelForCausalLM
 
 
@@ -26,13 +26,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-def fingerprint(model) -> str:
-    h = hashlib.sha1()
-    for p in model.parameters():
-        h.update(p.detach().float().numpy().tobytes())
-    return h.hexdigest()
-
 
 def test_online_zero3_two_processes_zero_staleness(tiny_model_dir, tmp_path):
     """accelerate launch, DeepSpeed ZeRO-3, 2 CPU processes, GA=2, 2 steps: on every rank each trained sequence

@@ -308,13 +308,16 @@ class Encoder:
                 raise SkipSample("invalid_row", "prompt and completion must both be strings or both message lists")
             if completion == "":
                 raise SkipSample("empty_completion")
-            eos = self.tokenizer.eos_token
-            if eos and not completion.endswith(eos):
-                completion = completion + eos
+            completion = self._with_eos(completion)
             prompt_ids = self._tokenize(prompt)["input_ids"]
             full_ids = self._tokenize(prompt + completion)["input_ids"]
         start = common_prefix_length(prompt_ids, full_ids)
         return full_ids, [0] * start + [1] * (len(full_ids) - start)
+
+    def _with_eos(self, text: str) -> str:
+        """``text`` ending in the tokenizer's EOS, as SFTTrainer appends it to plain-text completions."""
+        eos = self.tokenizer.eos_token
+        return text + eos if eos and not text.endswith(eos) else text
 
     def _text(self, row):
         text = row[self.dataset_text_field]
@@ -322,9 +325,7 @@ class Encoder:
             raise SkipSample("invalid_row", f"`{self.dataset_text_field}` is not a string")
         if text == "":
             raise SkipSample("empty_completion")
-        eos = self.tokenizer.eos_token
-        if eos and not text.endswith(eos):
-            text = text + eos
+        text = self._with_eos(text)
         ids = self._tokenize(text)["input_ids"]
         return ids, [1] * len(ids)
 
