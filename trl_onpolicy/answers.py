@@ -1,16 +1,22 @@
-"""Final-answer extraction and checking for math-style responses.
+"""Final-answer extraction and checking for math-style responses: THE grader of the project.
 
-Extraction turns a free-form response into one short answer string; checking compares it with the gold answer.
+Every verdict on a math answer (`trl-onpolicy eval` and `compare`, the `realign` filters, online Hinted Decoding's
+acceptance, `pairs`) goes through `grade_response(response, gold)`:
 
-- `extract_answer(text, order=("boxed", "hash", "last_number"))` tries each extractor in ``order`` and returns the first
-  hit (or ``None``): ``boxed`` = content of the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces kept whole),
-  ``hash`` = what follows the last ``#### `` marker (GSM8K style), ``last_number`` = the last number in the text
-  (signs, thousands separators, decimals and ``a/b`` fractions understood).
-- `check_answer(prediction, gold)` returns ``True``/``False``: math-verify (``verify(parse(gold), parse(pred))``) when
-  installed, with its ``signal.alarm`` timeouts switched off outside the main thread (they only work there), and a
-  plain numeric comparison as a fallback and when math-verify cannot parse either side.
-- `make_checker(spec)` gives a ``checker(prediction: str | None, gold: str) -> bool`` from a name (``"math_verify"``,
-  ``"numeric"``, ``"exact"``, ``"contains"``) or an importable ``"module:function"``; a callable passes through.
+1. The gold is reduced to its final answer (`gold_answer`): a full solution gives its last ``\\boxed{}``, else what
+   follows its last ``#### `` marker; a short gold (``"3/4"``, ``"(2, 3)"``) is used whole.
+2. The response's answer is extracted the same way (`extract_answer`, ``order=("boxed", "hash", "last_number")``):
+   the content of the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces kept whole), else what follows the last
+   ``#### `` marker (GSM8K style), else the last number in the text (signs, thousands separators, decimals and
+   ``a/b`` fractions understood). No answer found: incorrect.
+3. The two answers are compared by `math_verify_equal`: math-verify (``verify(parse(gold), parse(pred))``) decides
+   whenever it parses both sides, "not equal" included; only when it cannot parse one side does `numeric_equal`
+   compare them, each as ONE whole number (``"2\\sqrt{3}"`` is not the number 2). Its ``signal.alarm`` timeouts are
+   switched off outside the main thread (they only work there).
+
+`make_checker(spec)` gives a ``checker(prediction: str | None, gold: str) -> bool`` from a name (``"math_verify"``,
+``"numeric"``, ``"exact"``, ``"contains"``) or an importable ``"module:function"``; a callable passes through. The
+checker replaces step 3 only.
 """
 
 from __future__ import annotations
@@ -91,29 +97,60 @@ def extract_answer(text: str | None, order: Sequence[str] = EXTRACTORS) -> str |
     return None
 
 
-def to_number(text: str | None) -> Fraction | float | None:
-    """Exact value of a plain number string (``"1,234"``, ``"-3/4"``, ``"\\frac{3}{4}"``, ``"$18"``, ``"18 cm"``), else ``None``."""
+_UNIT_WORDS_RE = re.compile(r"^(?P<num>[-\u2212+]?\$?\s*[\d.,/]+)\s+(?:[A-Za-z]{2,}\.?\s*)+$")
+
+
+def strip_units(answer: str) -> str:
+    """``answer`` without a trailing plain-word unit after a number (``"5 dollars"`` -> ``"5"``, ``"18 cm."`` ->
+    ``"18"``); anything else is returned unchanged (``"12x"`` and ``"x^2 + 1"`` stay whole)."""
+    match = _UNIT_WORDS_RE.match(answer.strip())
+    return match.group("num").strip() if match else answer
+
+
+def gold_answer(gold: str) -> str:
+    """The final answer of a gold: a gold that is a full solution is reduced to its LAST ``\\boxed{}`` content,
+    else to what follows its last ``#### `` marker (GSM8K); a gold with neither (``"3/4"``, ``"(2, 3)"``) is used
+    whole."""
+    gold = str(gold)
+    for extractor in (extract_boxed, extract_hash):
+        found = extractor(gold)
+        if found:
+            return found
+    return gold.strip()
+
+
+def to_number(text: str | None) -> Fraction | None:
+    """Exact value of an answer that is ONE plain number, else ``None``.
+
+    Understood around the number: a sign (also ``\u2212``), thousands separators (``1,234``), decimals, ``a/b`` and
+    ``\\frac{a}{b}``, currency (``$``, ``\\$``), a trailing percent (``50%`` is 50, as math-verify reads a bare
+    percentage), degrees (``^\\circ``), ``\\text{...}`` units and trailing plain-word units (``18 cm``). Anything else
+    left over (``2\\sqrt{3}``, ``12x``, ``(2, 3)``, ``3+\\sqrt{5}``) means the answer is not one number: ``None``.
+    """
     if text is None:
         return None
-    s = text.strip().replace("\u2212", "-").replace("$", "").replace("\\!", "").replace("\\,", "")
-    s = re.sub(r"\\text\{[^}]*\}", "", s)
-    s = re.sub(r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}", r"(\1)/(\2)", s)
-    s = s.replace("{", "").replace("}", "").strip().rstrip(".")
-    number = _NUMBER_RE.search(s.replace("(", "").replace(")", ""))
-    if number is None:
+    s = str(text).strip().replace("\u2212", "-")
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{[^{}]*\}", " ", s)
+    s = re.sub(r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}", r"\1/\2", s)
+    for junk in ("\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}", "\\circ", "\\!", "\\,", "\\;", "\\ ", "\\left", "\\right"):
+        s = s.replace(junk, " ")
+    s = strip_units(s.strip().rstrip("."))
+    s = re.sub(r"\s+", "", s)
+    if not re.fullmatch(rf"(?:{_NUM})", s):
         return None
-    token = number.group(0).replace(",", "").replace(" ", "")
+    s = s.replace(",", "").replace("\u2212", "-")
     try:
-        if "/" in token:
-            num, den = token.split("/")
+        if "/" in s:
+            num, den = s.split("/")
             return Fraction(num) / Fraction(den)
-        return Fraction(token)
+        return Fraction(s)
     except (ValueError, ZeroDivisionError):
         return None
 
 
 def numeric_equal(prediction: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
-    """Numeric comparison of the first number in each side (fractions exact, decimals to ``rel_tol``)."""
+    """Whether both answers are each ONE number (see `to_number`) and equal (fractions exact, decimals to
+    ``rel_tol``). An expression is never reduced to its first number: ``numeric_equal("2\\sqrt{3}", "2")`` is False."""
     a, b = to_number(prediction), to_number(gold)
     if a is None or b is None:
         return False
@@ -123,15 +160,18 @@ def numeric_equal(prediction: str | None, gold: str, rel_tol: float = 1e-6) -> b
 def _wrap_for_parse(answer: str) -> str:
     # math-verify reads LaTeX inside $...$ or \boxed{}; a bare extracted answer is boxed so that "\frac12" and
     # "18 \text{cm}" parse like they would inside a final box
-    answer = answer.strip()
+    answer = strip_units(answer.strip())
     if answer.startswith("$") or "\\boxed" in answer:
         return answer
     return f"\\boxed{{{answer}}}"
 
 
 def math_verify_equal(prediction: str | None, gold: str) -> bool:
-    """``math_verify.verify(parse(gold), parse(prediction))``; falls back to `numeric_equal` when either side does
-    not parse. Safe in worker threads (math-verify's ``signal.alarm`` timeouts are disabled off the main thread)."""
+    """THE answer comparison: ``math_verify.verify(parse(gold), parse(prediction))`` decides whenever math-verify
+    parses both sides (its verdict stands, "not equal" included); only when it cannot parse one side (or is not
+    installed, or raises) does `numeric_equal` compare the two answers, each as one whole number. Both sides are
+    final answers (see `grade_response` for extraction); a trailing word unit is dropped first (``"5 dollars"``).
+    Safe in worker threads (math-verify's ``signal.alarm`` timeouts are disabled off the main thread)."""
     if prediction is None:
         return False
     try:
@@ -146,9 +186,8 @@ def math_verify_equal(prediction: str | None, gold: str) -> bool:
         pred_parsed = parse(_wrap_for_parse(prediction), **kwargs)
         if gold_parsed and pred_parsed:
             verify_kwargs = {"timeout_seconds": None} if kwargs else {}
-            if verify(gold_parsed, pred_parsed, **verify_kwargs):
-                return True
-    except Exception:  # math-verify raises on exotic input; the numeric check still gets its chance
+            return bool(verify(gold_parsed, pred_parsed, **verify_kwargs))
+    except Exception:  # noqa: BLE001 - math-verify raises on exotic input: the whole-number comparison decides
         pass
     return numeric_equal(prediction, gold)
 
@@ -208,10 +247,18 @@ def check_answer(prediction: str | None, gold: str, checker: str | Checker | Non
 def grade_response(
     response: str, gold: str, *, order: Sequence[str] = EXTRACTORS, checker: str | Checker | None = "math_verify"
 ) -> tuple[str | None, bool]:
-    """Extract the answer from a full ``response`` and check it: ``(extracted, correct)``. A ``"contains"`` checker
-    sees the whole response (factual sets have no box or number)."""
+    """Grade a full model ``response`` against ``gold``: ``(extracted answer, correct)``.
+
+    ``gold`` may be a short answer (``"3/4"``) or a full reference solution: a solution is first reduced to its final
+    answer, its LAST ``\\boxed{}`` content, else what follows its last ``#### `` marker (`gold_answer`). The response's
+    answer is extracted by ``order`` (`extract_answer`: last box, then ``####``, then last number) and compared by
+    ``checker`` (default: math-verify's verdict whenever it parses both sides, else one whole-number comparison; see
+    `math_verify_equal`). A response with no answer is incorrect. A ``"contains"`` checker sees the whole response and
+    the gold's alternatives unchanged (factual sets have no box or number)."""
     check = make_checker(checker)
     if check is contains_any:
         return response.strip().split("\n")[0][:200], contains_any(response, gold)
     extracted = extract_answer(response, order)
-    return extracted, bool(check(extracted, gold)) if extracted is not None else False
+    if extracted is None:
+        return None, False
+    return extracted, bool(check(extracted, gold_answer(gold)))

@@ -6,8 +6,8 @@
 - ``answer_format="gsm"`` (default): the last line is ``#### <answer>`` (GSM8K's convention);
 - ``answer_format="boxed"``: the last line is ``The final answer is \\boxed{<answer>}.``
 
-``<answer>`` is exactly the ``answer`` column (reasoning-gym's reference answer), so `extract_final_answer` on the
-solution gives back the answer, and generated responses can be checked the same way.
+``<answer>`` is exactly the ``answer`` column (reasoning-gym's reference answer), so the project's one grader
+(`trl_onpolicy.answers.grade_response`) finds it in the solution, and grades generated responses the same way.
 
 Supported tasks (`TASKS`), to build in-domain and out-of-domain sets:
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import operator
-import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -53,52 +52,6 @@ def final_answer_line(answer: str, answer_format: str = "gsm") -> str:
     if answer_format == "boxed":
         return f"The final answer is \\boxed{{{answer}}}."
     raise ValueError(f"Unknown answer_format {answer_format!r}; choose one of {ANSWER_FORMATS}.")
-
-
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The final answer stated in ``text``: the last ``#### X`` line, else the last ``\\boxed{X}``; None if neither."""
-    hashes = re.findall(r"####\s*([^\n]+)", text)
-    if hashes:
-        return hashes[-1].strip().rstrip(".").strip()
-    return _last_boxed(text)
-
-
-def answers_match(predicted: str | None, reference: str) -> bool:
-    """Whether a predicted final answer equals the reference: exact or numeric match first, then math-verify."""
-    if predicted is None:
-        return False
-    p, r = predicted.strip().replace(",", ""), str(reference).strip().replace(",", "")
-    if p == r:
-        return True
-    try:
-        return Fraction(p) == Fraction(r)
-    except (ValueError, ZeroDivisionError):
-        pass
-    try:
-        from math_verify import parse, verify
-    except ImportError:
-        return False
-    # no signal-based timeouts, so this also works outside the main thread
-    gold = parse(r, parsing_timeout=None)
-    pred = parse(p, parsing_timeout=None)
-    return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
-
-
-def is_correct(response: str, answer: str) -> bool:
-    """Whether a model response (or worked solution) ends with the reference answer (see `extract_final_answer`)."""
-    return answers_match(extract_final_answer(response), answer)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .answers import EXTRACTORS, extract_answer, grade_response, make_checker, to_number
+from .answers import EXTRACTORS, extract_answer, gold_answer, grade_response, make_checker, to_number
 from .generation import SamplingConfig
 
 ON_NO_INCORRECT = ("drop", "resample", "corrupt")
@@ -107,7 +107,7 @@ def _as_prompt_messages(value) -> list[dict]:
 def corrupt_answer(response: str, gold: str, order: Sequence[str] = EXTRACTORS) -> str:
     """``response`` with its final answer replaced by a different number (gold + 1, or gold - 1 when gold + 1 already
     appears as the answer). Used only by ``on_no_incorrect="corrupt"``."""
-    value = to_number(gold)
+    value = to_number(gold_answer(gold))
     wrong = str(int(value) + 1) if value is not None and value == int(value) else "0" if value else "1"
     answer = extract_answer(response, order)
     if answer is None:
