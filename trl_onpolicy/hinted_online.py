@@ -17,8 +17,9 @@ weights of the very optimizer step that trains on them (zero staleness):
 
 - `OnlineIDFTTrainer` and `OnlineSFTTrainer` are `IDFTTrainer`/`SFTTrainer` with the mixin.
 
-A generated response is *accepted* when it ended with EOS and (if the samples have an answer and a checker is set)
-its final answer is correct; a rejected one is replaced by the reference response (``on_reject="reference"``,
+A generated response is *accepted* by the offline filters' rule (`trl_onpolicy.realign.accept_response`): it ended
+with EOS and (unless the checker is "none") its final answer is correct against the answer column, or, without one,
+against the reference solution's final answer; a rejected one is replaced by the reference response (``on_reject="reference"``,
 default) or trained on anyway (``on_reject="keep"``). Logged each step: ``hinted/acceptance_rate``,
 ``hinted/mean_phi`` (DDT mean phi of the generated responses under the plain prompt, current weights),
 ``hinted/mean_lambda`` and ``hinted/response_tokens``.
@@ -39,9 +40,12 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .idft_trainer import IDFTTrainer
+from .generation import eos_token_ids
 from .realign import (
     DEFAULT_HINT_TEMPLATE,
+    accept_response,
     build_hinted_prompt_ids,
+    completion_text,
     plain_prompt,
     prompt_ids,
     resolve_checker,
@@ -224,14 +228,12 @@ class HintedDataCollator:
         results = hinted_decode(model, self.tokenizer, hinted, plain, seed=seeds, batch_size=self.generation_batch_size,
                                 **self.decode_kwargs)
         responses = [list(r.token_ids) for r in results]
-        eos = self.tokenizer.eos_token_id
-        accepted = []
-        for r, response, answer in zip(results, responses, answers):
-            ok = r.finish_reason == "eos"
-            if ok and self.checker is not None and answer is not None:
-                ids = response[:-1] if response and response[-1] == eos else response
-                ok = bool(self.checker(self.tokenizer.decode(ids, skip_special_tokens=True), answer))
-            accepted.append(ok)
+        eos = eos_token_ids(model, self.tokenizer)
+        accepted = [  # the same rule as the offline realign filters
+            accept_response(completion_text(self.tokenizer, response, eos), r.finish_reason, answer, reference,
+                            self.checker).accepted
+            for r, response, answer, reference in zip(results, responses, answers, references)
+        ]
         stats = {
             "num_samples": float(len(results)),
             "accepted": float(sum(accepted)),

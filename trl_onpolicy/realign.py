@@ -37,6 +37,7 @@ import torch
 from .distributed import end_processes, process_state
 from .generation import eos_token_ids, generate_ids
 from .models import load_model
+from .answers import gold_answer
 
 DEFAULT_HINT_TEMPLATE = (
     "Here is a problem together with a reference solution.\n\n"
@@ -78,8 +79,9 @@ class RealignConfig:
         question_column, reference_column (`str`, defaults to `"question"`, `"solution"`):
             Columns with the problem statement and the reference solution.
         answer_column (`str` or `None`, defaults to `"answer"`):
-            Column with the final answer used to check correctness. If the column is missing, the reference solution
-            itself is the gold (math-verify extracts its final answer).
+            Column with the final answer used to check correctness. When it is null, missing or empty for a row, the
+            gold is the reference solution's final answer (its last `\\boxed{}`, else `#### N`; see
+            `accept_response`), never the whole solution.
         prompt_column (`str` or `None`, defaults to `"prompt"`):
             Column with the ordinary training prompt (conversational or plain text). When absent, the plain prompt is
             the chat template applied to the question (with `system_prompt` if set).
@@ -302,6 +304,37 @@ def resolve_checker(spec: str | Callable | None) -> Callable | None:
     return checker
 
 
+@dataclass(frozen=True)
+class Acceptance:
+    """Verdict on one re-aligned response: ``accepted``; ``correct`` (None when no answer check ran); ``reason`` a
+    rejection names (``"unfinished"`` or ``"incorrect"``, None when accepted)."""
+
+    accepted: bool
+    correct: bool | None
+    reason: str | None
+
+
+def accept_response(text: str, finish_reason: str, answer, reference, checker: Callable | None, *,
+                    require_eos: bool = True, require_correct: bool = True) -> Acceptance:
+    """THE acceptance rule of re-aligned responses, offline (`realign` filters) and online
+    (`trl_onpolicy.hinted_online.HintedDataCollator`): a response is accepted when it finished with EOS
+    (``finish_reason == "eos"``) and its final answer is correct.
+
+    The gold is ``answer`` (the answer column) when given, else ``reference`` (the reference solution), which the
+    grader (`resolve_checker`, i.e. `trl_onpolicy.answers.grade_response`) first reduces to its final answer (last
+    ``\\boxed{}``, else ``#### N``): never the whole solution text. ``checker=None`` skips the answer check
+    (``correct`` is None). ``require_eos``/``require_correct`` turn either condition off (the realign options
+    ``drop_unfinished``/``drop_incorrect``); ``correct`` is reported either way."""
+    gold = answer if answer not in (None, "") else reference
+    correct = None if checker is None or gold in (None, "") else bool(checker(text, str(gold)))
+    reason = None
+    if require_eos and finish_reason != "eos":
+        reason = "unfinished"
+    elif require_correct and correct is False:
+        reason = "incorrect"
+    return Acceptance(reason is None, correct, reason)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -352,7 +385,8 @@ def _atomic_write(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def _completion_text(tokenizer, ids: list[int], eos: set[int]) -> str:
+def completion_text(tokenizer, ids: list[int], eos: set[int]) -> str:
+    """The text of a generated response (token ids), without its final EOS: what is stored and what is graded."""
     if ids and ids[-1] in eos:
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=False)
@@ -393,15 +427,13 @@ def realign_shard(model, tokenizer, rows: list[dict], indices: list[int], config
                                        top_p=config.top_p, keep_eos=True)
             own_stats = response_statistics(model, plain_ids, own, batch_size=config.score_batch_size)
         for j, ex in enumerate(batch):
-            text = _completion_text(tokenizer, responses[j], eos)
-            gold = ex.get(config.answer_column) if config.answer_column and config.answer_column in ex else references[j]
-            correct = None if checker is None else bool(checker(text, str(gold)))
-            reason = None
-            if config.drop_unfinished and results[j].finish_reason != "eos":
-                reason = "unfinished"
-            elif config.drop_incorrect and correct is False:
-                reason = "incorrect"
-            elif config.min_mean_phi is not None and not (stats[j]["mean_phi"] >= config.min_mean_phi):
+            text = completion_text(tokenizer, responses[j], eos)
+            answer = ex.get(config.answer_column) if config.answer_column else None
+            verdict = accept_response(text, results[j].finish_reason, answer, references[j], checker,
+                                      require_eos=config.drop_unfinished, require_correct=config.drop_incorrect)
+            gold = answer if answer not in (None, "") else references[j]
+            correct, reason = verdict.correct, verdict.reason
+            if reason is None and config.min_mean_phi is not None and not (stats[j]["mean_phi"] >= config.min_mean_phi):
                 reason = "low_phi"
             prompt = prompts[j]
             completion = text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
@@ -411,7 +443,7 @@ def realign_shard(model, tokenizer, rows: list[dict], indices: list[int], config
                 "completion": completion,
                 "question": questions[j],
                 "reference": references[j],
-                "answer": None if gold is None else str(gold),
+                "answer": None if gold in (None, "") else gold_answer(str(gold)),
                 "finish_reason": results[j].finish_reason,
                 "correct": correct,
                 "keep": reason is None,
@@ -422,14 +454,15 @@ def realign_shard(model, tokenizer, rows: list[dict], indices: list[int], config
             if analyses[j] is not None:
                 record["analysis"] = analyses[j]
             if own is not None:
-                own_text = _completion_text(tokenizer, own[j], eos)
+                own_text = completion_text(tokenizer, own[j], eos)
                 record.update({f"own_{k}": v for k, v in own_stats[j].items()})
                 record["own_completion"] = own_text
                 record["own_finish_reason"] = "eos" if own[j] and own[j][-1] in eos else "length"
-                record["own_correct"] = None if checker is None else bool(checker(own_text, str(gold)))
+                own_finish = "eos" if own[j] and own[j][-1] in eos else "length"
+                record["own_correct"] = accept_response(own_text, own_finish, answer, references[j], checker).correct
             if ref_stats[j] is not None:
                 record.update({f"reference_{k}": v for k, v in ref_stats[j].items()})
-                record["reference_correct"] = None if checker is None else bool(checker(references[j], str(gold)))
+                record["reference_correct"] = accept_response(references[j], "eos", answer, references[j], checker).correct
             records.append(record)
         if progress is not None:
             progress.update(len(batch))
@@ -567,6 +600,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "RealignConfig", "realign_dataset", "run_realign", "response_statistics", "resolve_checker", "build_hinted_prompt_ids", "hinted_messages", "plain_prompt",
+    "RealignConfig", "Acceptance", "accept_response", "completion_text", "realign_dataset", "run_realign", "response_statistics", "resolve_checker", "build_hinted_prompt_ids", "hinted_messages", "plain_prompt",
     "prompt_ids", "load_dataset_any", "merge_shards", "main",
 ]
