@@ -188,7 +188,7 @@ def detect_format(column_names: Sequence[str], dataset_text_field: str = "text")
         "`prompt` + `completion` (plain strings or conversational message lists), `messages` (assistant turns are "
         f"scored), `conversations` (ShareGPT from/value), `{dataset_text_field}` (every token is scored; change the "
         "column with dataset_text_field), or pre-tokenized `prompt_ids` + `completion_ids` / `input_ids` "
-        "(+ optional `completion_mask`)."
+        "(+ optional `labels`, `assistant_masks` or `completion_mask`)."
     )
 
 
@@ -202,8 +202,9 @@ class Encoder:
     - ``messages``: the assistant turns are scored, located with TRL's ``{% generation %}`` training template when
       the tokenizer's template has (or TRL can patch in) the markers, else by rendering the conversation turn by turn.
     - ``text``: every token after the first (plus the appended EOS) is scored.
-    - pre-tokenized: ``prompt_ids`` + ``completion_ids``, or ``input_ids`` with ``completion_mask`` (all tokens if
-      absent), used as given.
+    - pre-tokenized: ``prompt_ids`` + ``completion_ids``; or ``input_ids`` scored exactly where TRL trains: ``labels``
+      != -100 when the row has labels (SFTTrainer's prepared datasets do), else where ``assistant_masks`` and
+      ``completion_mask`` are both 1 (each if present), else every token.
     """
 
     tokenizer: Any
@@ -277,11 +278,32 @@ class Encoder:
     def _ids_input(self, row):
         ids = list(row["input_ids"])
         self._check_ids(ids)
-        mask = row.get("completion_mask")
-        mask = [1] * len(ids) if mask is None else list(mask)
-        if len(mask) != len(ids):
-            raise SkipSample("invalid_row", "completion_mask and input_ids differ in length")
-        return ids, mask
+        return ids, self._input_mask(row, len(ids))
+
+    @staticmethod
+    def _input_mask(row, n: int) -> list[int]:
+        """Which tokens of a pre-tokenized row TRL trains, hence which DDT scores: ``labels`` when present (-100 = not
+        trained; the label itself must be the token, as SFTTrainer's labels are), else the product of
+        ``assistant_masks`` and ``completion_mask`` (SFTTrainer's own rule when it builds labels), else every token."""
+        labels = row.get("labels")
+        if labels is not None:
+            labels = list(labels)
+            if len(labels) != n:
+                raise SkipSample("invalid_row", "labels and input_ids differ in length")
+            ids = row["input_ids"]
+            if any(lab != -100 and int(lab) != int(t) for lab, t in zip(labels, ids)):
+                raise SkipSample("invalid_row", "labels must be -100 or the token id itself (not shifted)")
+            return [int(lab != -100) for lab in labels]
+        mask = [1] * n
+        for column in ("assistant_masks", "completion_mask"):
+            value = row.get(column)
+            if value is None:
+                continue
+            value = list(value)
+            if len(value) != n:
+                raise SkipSample("invalid_row", f"{column} and input_ids differ in length")
+            mask = [int(bool(a) and bool(b)) for a, b in zip(mask, value)]
+        return mask
 
     def _tokenize(self, value, **kwargs) -> dict:
         from trl.data_utils import _tokenize
@@ -371,8 +393,8 @@ class Encoder:
             messages = row["messages"]
             last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
             return list(self._tokenize(messages[:last], add_generation_prompt=True)["input_ids"])
-        if self.fmt == "input_ids" and row.get("completion_mask") is not None:
-            mask = list(row["completion_mask"])
+        if self.fmt == "input_ids" and any(row.get(c) is not None for c in ("labels", "assistant_masks", "completion_mask")):
+            mask = self._input_mask(row, len(row["input_ids"]))
             start = mask.index(1) if 1 in mask else len(mask)
             return [int(i) for i in row["input_ids"][:start]]
         raise ValueError(
