@@ -347,6 +347,39 @@ def check_columns(dataset, kinds, what: str) -> None:
         raise RecipeError(f"{what} dataset is empty: check dataset_train_split / dataset_test_split.")
 
 
+def split_last_assistant_turn(example: dict) -> dict:
+    """``messages`` -> ``prompt`` (every turn before the last assistant turn: system, user, earlier turns) and
+    ``completion`` (that last assistant turn). Turns after it are dropped (nothing would train on them)."""
+    messages = example["messages"]
+    last = max((i for i, m in enumerate(messages or []) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise RecipeError(
+            "a conversational training row has no assistant turn: completion-only training needs one per row "
+            f"(roles found: {[m.get('role') for m in messages or []]})."
+        )
+    return {"prompt": list(messages[:last]), "completion": [messages[last]]}
+
+
+def prepare_sft_dataset(dataset, training_args):
+    """The data preparation of `trl-onpolicy train` (and scripts/train.py): completion-only training.
+
+    A conversational ``messages`` dataset is mapped to prompt/completion (`split_last_assistant_turn`), which TRL's
+    SFTTrainer then trains with ``completion_only_loss`` (its default for prompt/completion data): system and user
+    tokens get label -100 whatever the chat template. This works for templates without ``{% generation %}`` markers
+    (Qwen2.5-Math's, SmolLM2's), which TRL's ``assistant_only_loss`` cannot mask. Left as is: datasets already in
+    prompt/completion (or text / pre-tokenized) form, and recipes that set ``assistant_only_loss: true`` or
+    ``completion_only_loss: false`` (training on the whole conversation, on purpose)."""
+    if dataset is None:
+        return None
+    columns = set(dataset.column_names)
+    if "messages" not in columns or {"prompt", "completion"} <= columns:
+        return dataset
+    if getattr(training_args, "assistant_only_loss", False) or getattr(training_args, "completion_only_loss", None) is False:
+        return dataset
+    return dataset.map(split_last_assistant_turn, remove_columns=["messages"],
+                       desc="messages -> prompt/completion (completion-only loss)")
+
+
 # --------------------------------------------------------------------------------------------------- dry run
 
 
@@ -436,36 +469,52 @@ def run_main(body, prog: str):
         return 2
 
 
-def run_recipe(prog: str, parser, argv, columns, describe, build_trainer) -> int:
-    """The body every training entry point shares: parse the recipe, resolve the model and the data, check the
-    columns, then either print the dry-run plan or build the trainer, train, save and end the run.
+def prepare_recipe(parser, argv, columns, prepare=None, dry_run_ok: bool = True):
+    """Everything `run_recipe` does before building the trainer: parse the recipe, resolve the model, load the data,
+    check its columns and apply the entry point's data preparation (``prepare(dataset, training_args)``, e.g.
+    `prepare_sft_dataset`). Returns a dict with ``script_args``, ``training_args``, ``model_args``, ``dataset_args``,
+    ``run_args``, ``model_path``, ``model_desc``, ``train``, ``evaluation`` and ``data_desc``. Tests call it to
+    check what a recipe trains on, exactly as the command prepares it."""
+    script_args, training_args, model_args, dataset_args, run_args = parse_recipe(parser, argv)
+    check_required(script_args, model_args, dataset_args)
+    model_path, model_desc = resolve_model(model_args.model_name_or_path, dry_run=run_args.dry_run)
+    need_eval = training_args.eval_strategy != "no"
+    train, evaluation, data_desc = load_splits(script_args, dataset_args, need_eval, run_args.dry_run)
+    for dataset, what in ((train, "training"), (evaluation, "evaluation")):
+        if dataset is not None:
+            check_columns(dataset, columns, what)
+    if prepare is not None:
+        train, evaluation = prepare(train, training_args), prepare(evaluation, training_args)
+    return dict(script_args=script_args, training_args=training_args, model_args=model_args, dataset_args=dataset_args,
+                run_args=run_args, model_path=model_path, model_desc=model_desc, train=train, evaluation=evaluation,
+                data_desc=data_desc)
+
+
+def run_recipe(prog: str, parser, argv, columns, describe, build_trainer, prepare=None) -> int:
+    """The body every training entry point shares: `prepare_recipe` (parse, resolve the model and the data, check the
+    columns, prepare the data), then either print the dry-run plan or build the trainer, train, save and end the run.
 
     ``describe(training_args, model_args) -> dict`` gives the trainer-specific plan lines (at least ``trainer`` and
     ``loss``); ``build_trainer(model_path, training_args, model_args, script_args, train, evaluation)`` the trainer.
     """
 
     def body():
-        script_args, training_args, model_args, dataset_args, run_args = parse_recipe(parser, argv)
-        check_required(script_args, model_args, dataset_args)
-        model_path, model_desc = resolve_model(model_args.model_name_or_path, dry_run=run_args.dry_run)
-        need_eval = training_args.eval_strategy != "no"
-        train, evaluation, data_desc = load_splits(script_args, dataset_args, need_eval, run_args.dry_run)
-        for dataset, what in ((train, "training"), (evaluation, "evaluation")):
-            if dataset is not None:
-                check_columns(dataset, columns, what)
+        r = prepare_recipe(parser, argv, columns, prepare)
+        training_args, model_args, run_args = r["training_args"], r["model_args"], r["run_args"]
+        model_path, model_desc, train, evaluation = r["model_path"], r["model_desc"], r["train"], r["evaluation"]
         plan = describe(training_args, model_args)
         if run_args.dry_run:
             if model_path is not None:
                 model_desc += ": " + describe_model_config(model_path, model_args)
             plan.update(
-                common_plan(model_desc, data_desc, train, evaluation, training_args, model_args,
-                            run_args.dry_run_num_processes, script_args.dataset_train_split)
+                common_plan(model_desc, r["data_desc"], train, evaluation, training_args, model_args,
+                            run_args.dry_run_num_processes, r["script_args"].dataset_train_split)
             )
             print_plan(prog, plan)
             return 0
-        trainer = build_trainer(model_path, training_args, model_args, script_args, train, evaluation)
-        trainer.accelerator.print(f"[trl-onpolicy] {plan['trainer']}: {model_desc}; data: {data_desc}; loss: {plan['loss']}")
-        train_and_finish(trainer, training_args, script_args.dataset_name)
+        trainer = build_trainer(model_path, training_args, model_args, r["script_args"], train, evaluation)
+        trainer.accelerator.print(f"[trl-onpolicy] {plan['trainer']}: {model_desc}; data: {r['data_desc']}; loss: {plan['loss']}")
+        train_and_finish(trainer, training_args, r["script_args"].dataset_name)
         return 0
 
     return run_main(body, prog)

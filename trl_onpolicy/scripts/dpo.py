@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from trl import DPOConfig
 
 from ..idft_config import default_bf16_for_machine
-from .common import PREFERENCE_COLUMNS, make_parser, model_init_kwargs, run_recipe
+from .common import PREFERENCE_COLUMNS, make_parser, model_init_kwargs, prepare_recipe, run_recipe
 
 PROG = "trl-onpolicy dpo"
 
@@ -66,6 +66,12 @@ def build_trainer(model_path, training_args, model_args, script_args, train, eva
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
     return trainer
+
+
+def prepare(argv: list[str] | None = None) -> dict:
+    """Parse a recipe and load and prepare its data exactly as `main` does, without building the trainer (see
+    `trl_onpolicy.scripts.common.prepare_recipe`; pass the result's fields to `build_trainer`)."""
+    return prepare_recipe(make_dpo_parser(), argv, PREFERENCE_COLUMNS, None)
 
 
 def main(argv: list[str] | None = None) -> int:

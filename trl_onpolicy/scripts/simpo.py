@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..idft_config import default_bf16_for_machine
-from .common import PREFERENCE_COLUMNS, make_parser, model_init_kwargs, run_recipe, world_size
+from .common import PREFERENCE_COLUMNS, make_parser, model_init_kwargs, prepare_recipe, run_recipe, world_size
 
 PROG = "trl-onpolicy simpo"
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -84,6 +84,12 @@ def build_trainer(model_path, training_args, model_args, script_args, train, eva
         eval_dataset=evaluation,
         peft_config=get_peft_config(model_args),
     )
+
+
+def prepare(argv: list[str] | None = None) -> dict:
+    """Parse a recipe and load and prepare its data exactly as `main` does, without building the trainer (see
+    `trl_onpolicy.scripts.common.prepare_recipe`; pass the result's fields to `build_trainer`)."""
+    return prepare_recipe(make_simpo_parser(), argv, PREFERENCE_COLUMNS, None)
 
 
 def main(argv: list[str] | None = None) -> int:

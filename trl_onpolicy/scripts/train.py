@@ -14,7 +14,7 @@ The recipe holds any field of TRL's `ScriptArguments` (dataset_name, dataset_tra
 
 from __future__ import annotations
 
-from .common import SFT_COLUMNS, make_parser, model_init_kwargs, run_recipe
+from .common import SFT_COLUMNS, make_parser, model_init_kwargs, prepare_recipe, prepare_sft_dataset, run_recipe
 
 PROG = "trl-onpolicy train"
 
@@ -41,7 +41,16 @@ def describe(training_args, model_args) -> dict:
         "trainer": "trl_onpolicy.IDFTTrainer",
         "loss": token_loss_summary(training_args),
         "max_length": f"{training_args.max_length} (packing={training_args.packing}, padding_free={training_args.padding_free})",
+        "trained tokens": _trained_tokens(training_args),
     }
+
+
+def _trained_tokens(training_args) -> str:
+    if training_args.assistant_only_loss:
+        return "assistant turns (assistant_only_loss, TRL training chat template)"
+    if training_args.completion_only_loss is False:
+        return "EVERY token, prompt included (completion_only_loss: false)"
+    return "completions only (a `messages` dataset is split into prompt = turns before the last assistant turn, completion = that turn)"
 
 
 def build_trainer(model_path, training_args, model_args, script_args, train, evaluation):
@@ -60,8 +69,14 @@ def build_trainer(model_path, training_args, model_args, script_args, train, eva
     )
 
 
+def prepare(argv: list[str] | None = None) -> dict:
+    """Parse a recipe and load and prepare its data exactly as `main` does, without building the trainer (see
+    `trl_onpolicy.scripts.common.prepare_recipe`; pass the result's fields to `build_trainer`)."""
+    return prepare_recipe(make_train_parser(), argv, SFT_COLUMNS, prepare_sft_dataset)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_recipe(PROG, make_train_parser(), argv, SFT_COLUMNS, describe, build_trainer)
+    return run_recipe(PROG, make_train_parser(), argv, SFT_COLUMNS, describe, build_trainer, prepare=prepare_sft_dataset)
 
 
 if __name__ == "__main__":
