@@ -50,7 +50,7 @@ def _trained_tokens(training_args) -> str:
         return "assistant turns (assistant_only_loss, TRL training chat template)"
     if training_args.completion_only_loss is False:
         return "EVERY token, prompt included (completion_only_loss: false)"
-    return "completions only (a `messages` dataset is split into prompt = turns before the last assistant turn, completion = that turn)"
+    return "completions only (`messages` rows are split into prompt = turns before the last assistant turn, completion = that turn)"
 
 
 def build_trainer(model_path, training_args, model_args, script_args, train, evaluation):
