@@ -119,6 +119,10 @@ def gold_answer(gold: str) -> str:
     return gold.strip()
 
 
+# currency, percent and degree signs and spacing commands around a number (longest first)
+_DECORATIONS = ("\\$", "$", "\\%", "%", "^{\\circ}", "^\\circ", "\\circ", "\\!", "\\,", "\\;", "\\ ", "\\left", "\\right")
+
+
 def to_number(text: str | None) -> Fraction | None:
     """Exact value of an answer that is ONE plain number, else ``None``.
 
@@ -132,7 +136,7 @@ def to_number(text: str | None) -> Fraction | None:
     s = str(text).strip().replace("\u2212", "-")
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{[^{}]*\}", " ", s)
     s = re.sub(r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}", r"\1/\2", s)
-    for junk in ("\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}", "\\circ", "\\!", "\\,", "\\;", "\\ ", "\\left", "\\right"):
+    for junk in _DECORATIONS:
         s = s.replace(junk, " ")
     s = strip_units(s.strip().rstrip("."))
     s = re.sub(r"\s+", "", s)

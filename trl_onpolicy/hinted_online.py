@@ -19,8 +19,8 @@ weights of the very optimizer step that trains on them (zero staleness):
 
 A generated response is *accepted* by the offline filters' rule (`trl_onpolicy.realign.accept_response`): it ended
 with EOS and (unless the checker is "none") its final answer is correct against the answer column, or, without one,
-against the reference solution's final answer; a rejected one is replaced by the reference response (``on_reject="reference"``,
-default) or trained on anyway (``on_reject="keep"``). Logged each step: ``hinted/acceptance_rate``,
+against the reference solution's final answer; a rejected one is replaced by the reference response
+(``on_reject="reference"``, default) or trained on anyway (``on_reject="keep"``). Logged each step: ``hinted/acceptance_rate``,
 ``hinted/mean_phi`` (DDT mean phi of the generated responses under the plain prompt, current weights),
 ``hinted/mean_lambda`` and ``hinted/response_tokens``.
 
@@ -39,8 +39,8 @@ import torch
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .idft_trainer import IDFTTrainer
 from .generation import eos_token_ids
+from .idft_trainer import IDFTTrainer
 from .realign import (
     DEFAULT_HINT_TEMPLATE,
     accept_response,

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
+from .answers import gold_answer
 from .distributed import end_processes, process_state
 from .generation import eos_token_ids, generate_ids
 from .models import load_model
-from .answers import gold_answer
 
 DEFAULT_HINT_TEMPLATE = (
     "Here is a problem together with a reference solution.\n\n"
