@@ -374,7 +374,15 @@ def _read_table(path: str) -> list[dict]:
         kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
         if kind is None:
             raise ValueError(f"Evaluation data {path!r}: use a .jsonl, .json, .csv or .parquet file or a saved dataset folder.")
-        ds = load_dataset(kind, data_files=str(p), split="train")
+        from .validation import check_text_file
+
+        check_text_file(p, "data")
+        try:
+            ds = load_dataset(kind, data_files=str(p), split="train")
+        except Exception as err:  # noqa: BLE001 - malformed file: name it
+            cause = err.__cause__ or err
+            raise ValueError(f"data file {path!r} could not be read as {kind}: {type(cause).__name__}: "
+                             f"{' '.join(str(cause).split())[:300]}") from err
     return list(ds)
 
 

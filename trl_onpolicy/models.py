@@ -191,4 +191,7 @@ def resolve_model_path(name_or_path: str) -> str:
         if key not in EMBEDDED_MODELS:
             raise ValueError(f"Unknown embedded model {name_or_path!r}; available: {sorted(EMBEDDED_MODELS)}.")
         return EMBEDDED_MODELS[key]()
+    from .validation import check_model_source
+
+    check_model_source(name_or_path)  # a missing local folder or one without weights: say so, not "Hub id" errors
     return name_or_path
