@@ -447,8 +447,8 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
     inputs = _local_inputs(script_args, model_args, args.scores_file)
     check_output_path(target, "ddt-filter output_path", inputs=inputs, is_dir=target.suffix.lower() not in FILE_BUILDERS)
     check_output_path(args.output_dir, "ddt-filter output_dir", inputs=inputs)
-    samples = read_scores_file(args.scores_file, args.filter_by) if args.scores_file else None
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    samples = read_scores_file(args.scores_file, args.filter_by) if args.scores_file else None
     if samples is None:
         if model is None:
             model, tokenizer = load_model(model_args, _device(args.device))
