@@ -97,7 +97,7 @@ class DDTArguments:
     resume_chunk_rows: int = field(default=1024, metadata={"help": "Rows per checkpointed (resumable) chunk."})
 
     def __post_init__(self):
-        check_fields(self, DDT_RULES, owner="ddt")
+        check_fields(self, DDT_RULES, owner="ddt-filter" if isinstance(self, DDTFilterArguments) else "ddt")
 
 
 # numeric arguments of `ddt` and `ddt-filter` (NaN and inf are refused: a NaN temperature silently meant greedy)
