@@ -422,6 +422,14 @@ def test_filtering(trained, tmp_path):
     assert (report_cli["kept"], report_cli["dropped"]) == (report["kept"], report["dropped"])
     out_rows = [json.loads(line) for line in (tmp_path / "f" / "filtered.jsonl").read_text().splitlines()]
     assert out_rows == [dict(r) for r in kept]
+    # the same number of rows with other content: the scores (fingerprinted in summary.json) do not apply
+    changed = data.to_list()
+    changed[0] = dict(changed[0], completion=changed[1]["completion"])
+    Dataset.from_list(changed).to_json(str(src), lines=True)
+    with pytest.raises(ValueError, match="different data"):
+        filter_main(["--dataset_name", str(src), "--scores_file", str(tmp_path / "s" / "samples.jsonl"),
+                     "--min_value", str(threshold), "--output_dir", str(tmp_path / "f2")])
+    assert not (tmp_path / "f2").exists()
 
 
 @pytest.mark.slow

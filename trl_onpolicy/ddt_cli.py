@@ -449,6 +449,8 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
     check_output_path(args.output_dir, "ddt-filter output_dir", inputs=inputs)
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     samples = read_scores_file(args.scores_file, args.filter_by) if args.scores_file else None
+    if samples is not None:
+        _check_scores_match_data(args.scores_file, dataset)
     if samples is None:
         if model is None:
             model, tokenizer = load_model(model_args, _device(args.device))
@@ -467,6 +469,21 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
               f"of {report['num_rows']} rows by {args.filter_by} {'outside' if args.invert else 'in'} {bounds}; "
               f"wrote {target}")
     return report
+
+
+def _check_scores_match_data(scores_file, dataset) -> None:
+    """When the `ddt` run that wrote ``scores_file`` left its summary.json beside it, its data fingerprint must be
+    that of ``dataset``: scores of other rows (same count, other content) would filter the wrong rows."""
+    summary_file = Path(scores_file).with_name("summary.json")
+    try:
+        recorded = json.loads(summary_file.read_text())["fingerprint"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an older run, or scores written elsewhere: the row count is still checked
+    if recorded != data_fingerprint(dataset):
+        raise ValueError(
+            f"scores_file {str(scores_file)!r} was computed on different data than {summary_file.parent} says this "
+            "dataset is (its content changed since `trl-onpolicy ddt` ran): score this dataset again."
+        )
 
 
 def read_scores_file(path, filter_by: str) -> list[dict]:

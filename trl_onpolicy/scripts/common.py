@@ -536,6 +536,11 @@ def run_main(body, prog: str):
     except RecipeError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        # also when launched as scripts/*.py (without trl_onpolicy.cli): the finished checkpoints are kept
+        print(f"\n{prog}: interrupted. Finished checkpoints are kept: run the same command with "
+              "resume_from_checkpoint: true to continue.", file=sys.stderr, flush=True)
+        return 130
 
 
 def run_recipe(prog: str, parser, argv, columns, describe, build_trainer) -> int:
