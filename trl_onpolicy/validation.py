@@ -211,6 +211,13 @@ TRAINING_ARGUMENT_RULES: dict[str, Range] = {
     "data_seed": Range(integer=True, optional=True),
     "label_smoothing_factor": FRACTION,
     "dataloader_num_workers": Range(lo=0, integer=True),
+    "dataloader_prefetch_factor": OPTIONAL_COUNT,
+    "dataset_num_proc": OPTIONAL_COUNT,
+    "eval_delay": NON_NEGATIVE,
+    "neftune_noise_alpha": Range(lo=0, lo_open=True, optional=True),
+    "torch_empty_cache_steps": OPTIONAL_COUNT,
+    "ddp_timeout": COUNT,
+    "router_aux_loss_coef": Range(lo=0, optional=True),
     # lengths (SFTConfig, DPOConfig, CPOConfig)
     "max_length": OPTIONAL_COUNT,
     "max_prompt_length": OPTIONAL_COUNT,
@@ -224,6 +231,10 @@ TRAINING_ARGUMENT_RULES: dict[str, Range] = {
     "ld_alpha": Range(lo=0, hi=1, optional=True),
     "ref_model_mixup_alpha": FRACTION,
     "ref_model_sync_steps": COUNT,
+    "precompute_ref_batch_size": OPTIONAL_COUNT,
+    "f_alpha_divergence_coef": ANY_FINITE,
+    "discopop_tau": POSITIVE,
+    "alpha": ANY_FINITE,  # CPOConfig's AlphaPO exponent
     # the token-loss family (IDFTConfig)
     "idft_beta": POSITIVE,
     "idft_gamma_min": NON_NEGATIVE,
