@@ -166,6 +166,8 @@ CASES = [
     ("realign-temperature-nan", lambda w: _realign(w, "--temperature", NAN), "temperature=nan"),
     ("realign-top-p", lambda w: _realign(w, "--top_p", "1.5"), "top_p=1.5"),
     ("quickstart-lr-nan", lambda w: _quickstart(w, "--learning_rate", NAN), "learning_rate=nan"),
+    ("quickstart-missing-model", lambda w: _quickstart(w, "--model_name_or_path", "./no/such/model"), "no such local folder"),
+    ("realign-model-no-weights", lambda w: _realign(w, "--model_name_or_path", str(w["no_weights"])), "no weight files"),
     ("quickstart-steps-0", lambda w: _quickstart(w, "--max_steps", "0"), "max_steps=0"),
 ]
 
