@@ -535,27 +535,33 @@ def realign_dataset(model, tokenizer, dataset, config: RealignConfig, *, checker
               "settings": fp.settings_fingerprint(settings)}
     manifest = {"num_samples": n, "num_shards": num_shards, "fingerprint": record, "settings": _sample_settings(config)}
     manifest_path = out / "manifest.json"
-    if state.is_main_process:
-        if manifest_path.exists():
-            try:
-                previous = json.loads(manifest_path.read_text())
-            except ValueError:
-                previous = {}
-            changed = fp.changed_keys(previous.get("fingerprint"), record)
-            if changed:
-                old_settings = previous.get("settings") or {}
-                which = [k for k in settings if old_settings.get(k) != settings[k]]
-                detail = f" (changed settings: {', '.join(which)})" if "settings" in changed and which else ""
-                raise ValueError(fp.stale_message(
-                    f"{out} (shards and manifest.json)", changed,
-                    f"resume with the same model, data and settings{detail}, or start fresh with a new output_dir (or "
-                    f"delete {out}).",
-                ))
-        elif any(out.glob("shards/shard-*.jsonl")):
-            raise ValueError(f"{out} holds shards but no manifest.json saying what produced them; choose a new "
-                             f"output_dir or delete {out}.")
-        else:
-            _atomic_write(manifest_path, json.dumps(manifest, indent=2))
+    # every process reads the manifest before any writes it, so a refusal stops every rank (none waits forever at
+    # the barrier below); the main process writes it for a fresh output_dir
+    state.wait_for_everyone()
+    problem = None
+    if manifest_path.exists():
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except ValueError:
+            previous = {}
+        changed = fp.changed_keys(previous.get("fingerprint"), record)
+        if changed:
+            old_settings = previous.get("settings") or {}
+            which = [k for k in settings if old_settings.get(k) != settings[k]]
+            detail = f" (changed settings: {', '.join(which)})" if "settings" in changed and which else ""
+            problem = fp.stale_message(
+                f"{out} (shards and manifest.json)", changed,
+                f"resume with the same model, data and settings{detail}, or start fresh with a new output_dir (or "
+                f"delete {out}).",
+            )
+    elif any(out.glob("shards/shard-*.jsonl")):
+        problem = (f"{out} holds shards but no manifest.json saying what produced them; choose a new output_dir or "
+                   f"delete {out}.")
+    state.wait_for_everyone()
+    if problem is not None:
+        raise ValueError(problem)
+    if state.is_main_process and not manifest_path.exists():
+        _atomic_write(manifest_path, json.dumps(manifest, indent=2))
     state.wait_for_everyone()
 
     mine = [s for s in range(num_shards) if s % state.num_processes == state.process_index]
