@@ -241,3 +241,21 @@ def test_train_resumes_from_the_last_complete_checkpoint(world, tmp_path, capsys
     assert state["global_step"] == 3
     # resumed at step 1: the log holds steps 2 and 3 of the resumed run (step 1's entry comes from checkpoint-1)
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3][: len([h for h in state["log_history"] if "loss" in h])]
+
+
+def test_rows_beyond_max_length_are_counted(capsys):
+    """Rows TRL dropped (a prompt filling max_length) are counted and reported; none left is an error."""
+    from types import SimpleNamespace
+
+    from trl_onpolicy.scripts.common import RecipeError, report_dropped_rows
+
+    def trainer(kept):
+        return SimpleNamespace(train_dataset=list(range(kept)), args=SimpleNamespace(packing=False, max_length=8),
+                               accelerator=SimpleNamespace(print=print))
+
+    report_dropped_rows(trainer(3), list(range(5)))
+    assert "2 of 5 training rows have a prompt of max_length=8 tokens or more" in capsys.readouterr().out
+    report_dropped_rows(trainer(5), list(range(5)))
+    assert capsys.readouterr().out == ""
+    with pytest.raises(RecipeError, match="every one of the 5 training rows"):
+        report_dropped_rows(trainer(0), list(range(5)))
