@@ -555,11 +555,6 @@ def run_recipe(prog: str, parser, argv, columns, describe, build_trainer) -> int
         script_args, training_args, model_args, dataset_args, run_args = parse_recipe(parser, argv)
         check_required(script_args, model_args, dataset_args)
         model_path, model_desc = resolve_model(model_args.model_name_or_path, dry_run=run_args.dry_run)
-        need_eval = training_args.eval_strategy != "no"
-        train, evaluation, data_desc = load_splits(script_args, dataset_args, need_eval, run_args.dry_run)
-        for dataset, what in ((train, "training"), (evaluation, "evaluation")):
-            if dataset is not None:
-                check_columns(dataset, columns, what)
         # the output must not overwrite what the run reads (the model folder, a local dataset) and must be writable
         inputs = [model_path, script_args.dataset_name] + [d.path for d in (dataset_args.datasets or [])]
         try:
@@ -567,7 +562,14 @@ def run_recipe(prog: str, parser, argv, columns, describe, build_trainer) -> int
                               inputs=[i for i in inputs if i and is_local(str(i))])
         except ValueError as e:
             raise RecipeError(str(e)) from e
-        resume_arg(training_args.resume_from_checkpoint, training_args.output_dir)  # a bad checkpoint path: now
+        if training_args.resume_from_checkpoint not in (None, True) and str(training_args.resume_from_checkpoint).lower() \
+                not in ("", "false", "no", "none", "true", "last", "yes"):
+            resume_arg(training_args.resume_from_checkpoint)  # an explicit checkpoint that is missing or incomplete
+        need_eval = training_args.eval_strategy != "no"
+        train, evaluation, data_desc = load_splits(script_args, dataset_args, need_eval, run_args.dry_run)
+        for dataset, what in ((train, "training"), (evaluation, "evaluation")):
+            if dataset is not None:
+                check_columns(dataset, columns, what)
         plan = describe(training_args, model_args)
         if run_args.dry_run:
             if model_path is not None:
