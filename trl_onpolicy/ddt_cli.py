@@ -74,8 +74,9 @@ class DDTArguments:
         no_progress (`bool`, *optional*, defaults to `False`):
             Hide the progress bars.
         resume_chunk_rows (`int`, *optional*, defaults to `1024`):
-            Rows per checkpointed chunk: finished chunks are kept in `output_dir/.ddt_cache` and a rerun of the same
-            command resumes after them (the cache is discarded when the arguments differ).
+            Rows per checkpointed chunk: finished chunks are kept in `output_dir/.ddt_cache` (NumPy `.npz`, read
+            without pickle) and a rerun resumes after them. The cache records a fingerprint of the data's content,
+            the model's weights and the settings; when any differs it is discarded and everything is recomputed.
     """
 
     output_dir: str = field(metadata={"help": "Folder for summary.json, samples.jsonl and phi.png."})
