@@ -255,7 +255,8 @@ def test_api_and_cli_agree(trained, tmp_path):
 
 
 def test_cli_resumes_from_finished_chunks(trained, tmp_path, monkeypatch):
-    """An interrupted run resumes: finished row chunks are read back from the cache, only missing ones are scored."""
+    """An interrupted run resumes: finished row chunks are read back from the cache (NumPy .npz, no pickle), only
+    missing ones are scored."""
     import trl_onpolicy.ddt as ddt_module
 
     model, tok, path = trained
@@ -266,8 +267,9 @@ def test_cli_resumes_from_finished_chunks(trained, tmp_path, monkeypatch):
     assert main(argv) == 0
     first = json.loads((tmp_path / "out" / "summary.json").read_text())
     cache = tmp_path / "out" / ".ddt_cache"
-    assert sorted(p.name for p in cache.glob("corpus-*.pkl")) == ["corpus-00000.pkl", "corpus-00001.pkl", "corpus-00002.pkl"]
-    (cache / "corpus-00001.pkl").unlink()  # as if the run had stopped during the second chunk
+    assert sorted(p.name for p in cache.glob("corpus-*")) == ["corpus-00000.npz", "corpus-00001.npz", "corpus-00002.npz"]
+    assert not list(cache.glob("*.pkl"))
+    (cache / "corpus-00001.npz").unlink()  # as if the run had stopped during the second chunk
     calls = []
     original = ddt_module.score_dataset
     monkeypatch.setattr(ddt_module, "score_dataset", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
@@ -275,10 +277,57 @@ def test_cli_resumes_from_finished_chunks(trained, tmp_path, monkeypatch):
     assert calls == [4]  # only the missing chunk (rows 4..7) was scored again
     again = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert again["mean_phi"] == pytest.approx(first["mean_phi"], abs=1e-6) and again["num_tokens"] == first["num_tokens"]
-    # other arguments: the cache is discarded
-    calls.clear()
-    assert main(argv + ["--max_length", "500"]) == 0
-    assert calls == [4, 4, 2]
+    # a chunk is an .npz read with allow_pickle=False: a planted object array is refused, never unpickled
+    np.savez(cache / "corpus-00000.npz", __json__=np.array([{"planted": 1}], dtype=object))
+    with pytest.raises(ValueError, match="unreadable"):
+        main(argv)
+
+
+def test_ddt_cache_is_recomputed_when_data_weights_or_settings_change(trained, tmp_path, monkeypatch, capsys):
+    """The cache is keyed by content, not by the command line: the same paths with other rows or other weights, or
+    another setting, recompute every chunk (and report what changed); the numbers match a fresh run."""
+    import shutil
+
+    import trl_onpolicy.ddt as ddt_module
+
+    _, _, path = trained
+    model_dir = tmp_path / "model"
+    shutil.copytree(path, model_dir)
+    data = tmp_path / "data.jsonl"
+    rows = arithmetic_examples(8, conversational=False)
+    Dataset.from_list(rows).to_json(str(data), lines=True)
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
+            "--resume_chunk_rows", "4", "--no_progress"]
+    calls = []
+    original = ddt_module.score_dataset
+    monkeypatch.setattr(ddt_module, "score_dataset", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
+
+    def run(args=argv):
+        calls.clear()
+        assert main(args) == 0
+        return json.loads((tmp_path / "out" / "summary.json").read_text())
+
+    base = run()
+    assert run()["mean_phi"] == base["mean_phi"] and calls == []  # unchanged: everything from the cache
+    # 1. the data changed at the same path
+    Dataset.from_list(rows[:4] + arithmetic_examples(12, conversational=False)[8:12]).to_json(str(data), lines=True)
+    changed = run()
+    assert calls == [4, 4] and "different data" in capsys.readouterr().out
+    assert changed["mean_phi"] != pytest.approx(base["mean_phi"], abs=1e-6)
+    fresh_argv = [a if a != str(tmp_path / "out") else str(tmp_path / "fresh") for a in argv]
+    assert main(fresh_argv) == 0
+    assert json.loads((tmp_path / "fresh" / "summary.json").read_text())["mean_phi"] == pytest.approx(changed["mean_phi"], abs=1e-9)
+    # 2. the weights changed at the same path
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5) if not model.config.tie_word_embeddings else model.get_input_embeddings().weight.mul_(1.5)
+    model.save_pretrained(model_dir)
+    reweighted = run()
+    assert calls == [4, 4] and "different model" in capsys.readouterr().out
+    assert reweighted["mean_phi"] != pytest.approx(changed["mean_phi"], abs=1e-6)
+    # 3. a setting that changes the result
+    run(argv + ["--max_length", "500"])
+    assert calls == [4, 4] and "different settings" in capsys.readouterr().out
 
 
 def test_bad_input(tiny_tokenizer):
@@ -373,6 +422,14 @@ def test_filtering(trained, tmp_path):
     assert (report_cli["kept"], report_cli["dropped"]) == (report["kept"], report["dropped"])
     out_rows = [json.loads(line) for line in (tmp_path / "f" / "filtered.jsonl").read_text().splitlines()]
     assert out_rows == [dict(r) for r in kept]
+    # the same number of rows with other content: the scores (fingerprinted in summary.json) do not apply
+    changed = data.to_list()
+    changed[0] = dict(changed[0], completion=changed[1]["completion"])
+    Dataset.from_list(changed).to_json(str(src), lines=True)
+    with pytest.raises(ValueError, match="different data"):
+        filter_main(["--dataset_name", str(src), "--scores_file", str(tmp_path / "s" / "samples.jsonl"),
+                     "--min_value", str(threshold), "--output_dir", str(tmp_path / "f2")])
+    assert not (tmp_path / "f2").exists()
 
 
 @pytest.mark.slow

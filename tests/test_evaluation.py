@@ -187,3 +187,15 @@ def test_eval_cli_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert set(metrics) == {"mine", "facts"} and metrics["mine"]["num_prompts"] == 3
     assert len((out / "mine.jsonl").read_text().splitlines()) == 3
     assert "mine" in capsys.readouterr().out
+    # fingerprint.json records what produced the outputs: the weights' files, each set's rows, the settings
+    from trl_onpolicy.fingerprint import data_fingerprint, model_fingerprint
+
+    recorded = json.loads((out / "fingerprint.json").read_text())
+    assert recorded["model"] == model_fingerprint(str(tiny_model_dir))
+    assert recorded["sets"]["mine"]["data"] == data_fingerprint(evaluation.load_eval_set(evaluation.EvalSet.from_spec(f"mine={path}")))
+    path.write_text(path.read_text().replace('"answer": "2"', '"answer": "3"'))
+    assert evaluation.main(["--model_name_or_path", str(tiny_model_dir), "--sets", f"mine={path}", "facts=facts:2",
+                            "--max_new_tokens", "4", "--output_dir", str(out), "--temperature", "0.5"]) == 0
+    again = json.loads((out / "fingerprint.json").read_text())
+    assert again["model"] == recorded["model"] and again["sets"]["facts"] == recorded["sets"]["facts"]
+    assert again["sets"]["mine"]["data"] != recorded["sets"]["mine"]["data"] and again["settings"] != recorded["settings"]

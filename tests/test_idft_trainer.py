@@ -192,6 +192,8 @@ STEP_CASES = {
     "eaft-top20-padding-free": dict(token_loss="eaft", padding_free=True, max_length=None),
     "eaft-top20-lora": dict(token_loss="eaft", peft=True),
     "eaft-full": dict(token_loss="eaft", eaft_entropy="full"),
+    # k beyond the vocabulary: the top-k entropy covers all |V| logits, so it is normalised by ln |V|, not ln k
+    "eaft-top-k-beyond-vocab": dict(token_loss="eaft", eaft_top_k=100_000),
 }
 
 
@@ -230,6 +232,8 @@ def test_training_step_matches_manual_recomputation(case, tiny_tokenizer, tmp_pa
             weight = lp.exp() ** gamma
             assert logged["idft_lambda"] == pytest.approx(lam, abs=1e-12)
             assert logged["gamma_mean"] == pytest.approx(gamma.mean().item(), abs=1e-5)
+        elif args.eaft_entropy == "topk" and args.eaft_top_k >= vocab:
+            weight = st["entropy"] / math.log(vocab)  # every logit is in the "top k"
         elif args.eaft_entropy == "topk":
             weight = st["topk_entropy"] / math.log(20)
         else:

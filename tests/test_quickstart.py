@@ -59,14 +59,21 @@ def test_quickstart_trains_reports_saves_and_resumes(tiny_model_dir, tmp_path, c
     # training on the data made it more likely under the model
     assert stats["after"]["phi_mean"] > stats["before"]["phi_mean"]
 
-    # a re-run with more steps continues from the last checkpoint instead of starting over
+    # a re-run with more steps continues from the last complete checkpoint instead of starting over; a newer one
+    # that an interruption cut short (weights written, trainer_state.json not yet) is skipped, not trusted
+    partial = out / "checkpoint-9"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes((out / "checkpoint-2" / "model.safetensors").read_bytes()[:100])
     assert main([*common, "--max_steps", "3"]) == 0
     printed = capsys.readouterr().out
+    assert f"{partial} is incomplete" in printed
     assert f"resuming from {out / 'checkpoint-2'}" in printed
     stats = json.loads((out / "quickstart_stats.json").read_text())
     assert stats["global_step"] == 3 and stats["resumed_from"].endswith("checkpoint-2")
 
 
 def test_quickstart_rejects_bad_options(tmp_path):
-    with pytest.raises(SystemExit, match="--max_steps must be >= 1"):
+    with pytest.raises(ValueError, match=r"quickstart.max_steps=0 is invalid: expected an integer >= 1"):
         main(["--max_steps", "0", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"quickstart.learning_rate=nan is invalid"):
+        main(["--learning_rate", "nan", "--output_dir", str(tmp_path)])

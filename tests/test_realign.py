@@ -166,6 +166,47 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
         realign_dataset(model, tok, data, small_config(tmp_path / "out", temperature=0.5), checker=None, progress=False)
 
 
+def test_rerun_with_other_data_weights_or_settings_is_refused_never_mixed(tiny_model, tmp_path):
+    """The manifest records the data's content, the weights and the settings: changing any of them at the same
+    output_dir is refused with a message naming what changed (and how to start fresh); the shards stay untouched."""
+    model, tok = tiny_model
+    data = Dataset.from_list(rows(5))
+    out = tmp_path / "out"
+    realign_dataset(model, tok, data, small_config(out), checker=None, progress=False)
+    shards = {p.name: p.read_bytes() for p in (out / "shards").glob("*.jsonl")}
+    # same inputs: resumes (nothing to do) and gives the same shards
+    realign_dataset(model, tok, data, small_config(out), checker=None, progress=False)
+    other_rows = rows(5)
+    other_rows[2] = dict(other_rows[2], solution="He has 9 apples. #### 9")
+    with pytest.raises(ValueError, match=r"different data.*new output_dir"):
+        realign_dataset(model, tok, Dataset.from_list(other_rows), small_config(out), checker=None, progress=False)
+    weight = next(model.parameters())
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.01)
+    with pytest.raises(ValueError, match="different model"):
+        realign_dataset(model, tok, data, small_config(out), checker=None, progress=False)
+    with torch.no_grad():
+        weight.copy_(saved)
+    with pytest.raises(ValueError, match=r"different settings.*top_p"):
+        realign_dataset(model, tok, data, small_config(out, top_p=0.9), checker=None, progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.jsonl")} == shards
+
+
+def test_invalid_input_writes_no_manifest(tiny_model, tmp_path):
+    """A run refused for bad input writes nothing, so the corrected re-run is not refused as "other settings"."""
+    model, tok = tiny_model
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="empty or null `solution`"):
+        realign_dataset(model, tok, Dataset.from_list(rows(3) + [dict(rows(1)[0], solution="")]), small_config(out),
+                        checker=None, progress=False)
+    with pytest.raises(ValueError, match="checker"):
+        realign_dataset(model, tok, Dataset.from_list(rows(3)), small_config(out, checker="nope"), progress=False)
+    assert not out.exists() or not any(out.iterdir())
+    realign_dataset(model, tok, Dataset.from_list(rows(3)), small_config(out), checker=None, progress=False)
+    assert (out / "manifest.json").exists()
+
+
 def test_bad_input_errors(tiny_model, tmp_path):
     model, tok = tiny_model
     data = Dataset.from_list([{"q": "x", "s": "y"}])
@@ -175,6 +216,10 @@ def test_bad_input_errors(tiny_model, tmp_path):
         RealignConfig(batch_size=0)
     with pytest.raises(ValueError, match="reference"):
         RealignConfig(hint_template="only {question}")
+    with pytest.raises(ValueError, match=r"unknown placeholder.*\{answer\}"):
+        RealignConfig(hint_template="{question} {reference} {answer}")
+    with pytest.raises(ValueError, match="RealignConfig.temperature=nan"):
+        RealignConfig(temperature=float("nan"))
     with pytest.raises(ValueError, match="checker"):
         resolve_checker("no_such_checker")
     with pytest.raises(ValueError):

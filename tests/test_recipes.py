@@ -183,7 +183,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.delenv("TRL_ONPOLICY_TRACEBACK", raising=False)
     for argv, needle in [
-        (["pairs", "--top_p", "0"], "top_p must be in (0, 1]"),
+        (["pairs", "--top_p", "0"], "top_p=0.0 is invalid: expected a finite number in (0, 1]"),
         (["eval", "--num_samples", "4", "--temperature", "0"], "greedy decoding gives k identical"),
         (["ddt-filter", "--output_dir", str(tmp_path / "o"), "--scores_file", str(tmp_path / "s.jsonl"),
           "--filter_by", "mean_phi", "--min_value", "-1", "--dataset_name", str(tmp_path / "nowhere.jsonl")],

@@ -32,7 +32,19 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# bad input surfaces as one of these: a value out of range, a missing or unreadable file, a path of the wrong kind
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job stopped with Ctrl-C
+
+
+def _show_traceback() -> bool:
+    return os.environ.get("TRL_ONPOLICY_TRACEBACK", "0").lower() not in ("", "0", "false", "no")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Every command ends the same way: bad input prints ``trl-onpolicy CMD: error: ...`` on
+    stderr and exits 2 (no traceback unless ``TRL_ONPOLICY_TRACEBACK=1``); Ctrl-C (SIGINT) exits 130 after the
+    command has kept what it finished (checkpoints, DDT chunks, realign shards), so the same command resumes."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -44,15 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     target = COMMANDS[name][0]
     module, _, func = target.partition(":")
     try:
+        if any(a == "--config" or a.startswith("--config=") for a in rest):
+            from .scripts.common import check_recipe_argv
+
+            check_recipe_argv(rest)  # a missing, non-YAML, !!python-tagged or non-mapping recipe: one line, now
         result = getattr(import_module(module), func or "main")(rest)
-    except (ValueError, FileNotFoundError) as err:
+    except BAD_INPUT_ERRORS as err:
         # bad input (a value out of range, a missing file or column): one clear line and exit status 2, as argparse
         # does for a bad flag; TRL_ONPOLICY_TRACEBACK=1 shows the full traceback instead (for bug reports)
-        if os.environ.get("TRL_ONPOLICY_TRACEBACK", "0").lower() not in ("", "0", "false", "no"):
+        if _show_traceback():
             raise
-        print(f"trl-onpolicy {name}: error: {err}\n(set TRL_ONPOLICY_TRACEBACK=1 for the full traceback)",
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"trl-onpolicy {name}: error: {message}\n(set TRL_ONPOLICY_TRACEBACK=1 for the full traceback)",
               file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        if _show_traceback():
+            raise
+        print(f"\ntrl-onpolicy {name}: interrupted. Finished work is kept (checkpoints, DDT chunks, realign shards): "
+              "run the same command again to resume.", file=sys.stderr, flush=True)
+        return INTERRUPTED
     return int(result or 0)
 
 

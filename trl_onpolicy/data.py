@@ -353,7 +353,15 @@ def load_sft_dataset(name_or_path: str, split: str = "train", **kwargs):
             raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(_FILE_BUILDERS)} or a saved dataset folder.")
         if split != "train":
             raise ValueError(f"{path} is a single file, whose only split is 'train' (asked for {split!r}).")
-        return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+        from .validation import check_text_file
+
+        check_text_file(path)  # non-UTF-8 bytes (file and line named) or no rows at all: a message, not a traceback
+        try:
+            return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+        except Exception as err:  # noqa: BLE001 - malformed JSON/CSV/Parquet: name the file
+            cause = err.__cause__ or err
+            detail = " ".join(str(cause).split())[:300]
+            raise ValueError(f"dataset file {str(path)!r} could not be read as {suffix[1:]}: {type(cause).__name__}: {detail}") from err
 
     looks_local = text.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS or text.count("/") > 1
     if looks_local:

@@ -14,17 +14,20 @@ writes the outputs.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import ddt, distributed
+from .fingerprint import changed_keys, data_fingerprint, model_fingerprint
+from .validation import COUNT, OPTIONAL_COUNT, POSITIVE, Range, check_fields, check_output_path
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -71,8 +74,9 @@ class DDTArguments:
         no_progress (`bool`, *optional*, defaults to `False`):
             Hide the progress bars.
         resume_chunk_rows (`int`, *optional*, defaults to `1024`):
-            Rows per checkpointed chunk: finished chunks are kept in `output_dir/.ddt_cache` and a rerun of the same
-            command resumes after them (the cache is discarded when the arguments differ).
+            Rows per checkpointed chunk: finished chunks are kept in `output_dir/.ddt_cache` (NumPy `.npz`, read
+            without pickle) and a rerun resumes after them. The cache records a fingerprint of the data's content,
+            the model's weights and the settings; when any differs it is discarded and everything is recomputed.
     """
 
     output_dir: str = field(metadata={"help": "Folder for summary.json, samples.jsonl and phi.png."})
@@ -94,16 +98,17 @@ class DDTArguments:
     resume_chunk_rows: int = field(default=1024, metadata={"help": "Rows per checkpointed (resumable) chunk."})
 
     def __post_init__(self):
-        for name in ("batch_size", "top_k_tokens", "max_new_tokens", "resume_chunk_rows"):
-            value = getattr(self, name)
-            if value < (0 if name == "top_k_tokens" else 1):
-                raise ValueError(f"`{name}` must be positive, got {value}.")
-        for name in ("max_length", "num_samples", "max_tokens_per_batch", "vocab_chunk", "token_chunk", "generation_batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"`{name}` must be a positive integer or None, got {value}.")
-        if self.self_temperature <= 0:
-            raise ValueError(f"`self_temperature` must be > 0, got {self.self_temperature}.")
+        check_fields(self, DDT_RULES, owner="ddt-filter" if isinstance(self, DDTFilterArguments) else "ddt")
+
+
+# numeric arguments of `ddt` and `ddt-filter` (NaN and inf are refused: a NaN temperature silently meant greedy)
+DDT_RULES = {
+    "max_length": OPTIONAL_COUNT, "batch_size": COUNT, "max_tokens_per_batch": OPTIONAL_COUNT,
+    "num_samples": OPTIONAL_COUNT, "top_k_tokens": Range(lo=0, integer=True), "generation_batch_size": OPTIONAL_COUNT,
+    "max_new_tokens": COUNT, "self_temperature": POSITIVE, "seed": Range(integer=True), "vocab_chunk": OPTIONAL_COUNT,
+    "token_chunk": OPTIONAL_COUNT, "resume_chunk_rows": COUNT,
+    "min_value": Range(optional=True), "max_value": Range(optional=True),
+}
 
 
 @dataclass
@@ -142,6 +147,8 @@ class DDTFilterArguments(DDTArguments):
             raise ValueError(f"`filter_by` must be one of {ddt.FILTER_STATISTICS}, got {self.filter_by!r}.")
         if self.min_value is None and self.max_value is None:
             raise ValueError("Give `--min_value` and/or `--max_value`.")
+        if self.min_value is not None and self.max_value is not None and self.min_value > self.max_value:
+            raise ValueError(f"ddt-filter.min_value={self.min_value!r} is invalid: it exceeds max_value={self.max_value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,6 +198,14 @@ def load_model(model_args, device: torch.device):
     )
 
 
+def _local_inputs(script_args, model_args, *extra) -> list[str]:
+    """The local paths a job reads (dataset, model folder, ...): an output must not overwrite any of them."""
+    from .validation import looks_like_local_path
+
+    names = [script_args.dataset_name, getattr(model_args, "model_name_or_path", None), *extra]
+    return [str(n) for n in names if n and looks_like_local_path(str(n))]
+
+
 def _parse(dataclass_type, argv):
     from trl import ModelConfig, ScriptArguments, TrlParser
 
@@ -211,51 +226,113 @@ def _score(model, tokenizer, dataset, args: DDTArguments, desc: str) -> ddt.DDTR
     )
 
 
-def _cache_meta(args: DDTArguments, script_args, model_args, num_rows: int) -> dict:
-    keys = ("max_length", "dataset_text_field", "compare_self_samples", "max_new_tokens", "self_temperature", "seed",
-            "resume_chunk_rows", "top_k_tokens")
-    meta = {k: getattr(args, k) for k in keys}
-    meta.update(model=str(model_args.model_name_or_path), dtype=str(model_args.dtype), dataset=str(script_args.dataset_name),
-                config=script_args.dataset_config, split=script_args.dataset_train_split, num_rows=num_rows)
-    return meta
+# settings that change the cached chunks (model and data enter by content, in `_cache_fingerprint`)
+_CACHE_SETTINGS = ("max_length", "dataset_text_field", "compare_self_samples", "max_new_tokens", "self_temperature",
+                   "seed", "resume_chunk_rows", "top_k_tokens")
 
 
-def _open_cache(out: Path, meta: dict) -> Path:
-    """``out/.ddt_cache``, emptied when it was written for different arguments."""
+def _cache_fingerprint(args: DDTArguments, model_args, dataset, model, model_path: str | None) -> dict:
+    """What produced the cached chunks: the data's content, the model's weights (the weight files of the folder it
+    was loaded from, else its state dict) and every setting that changes a chunk."""
+    weights = model_fingerprint(model_path) if model_path and Path(model_path).is_dir() else model_fingerprint(model)
+    settings = {k: getattr(args, k) for k in _CACHE_SETTINGS}
+    settings.update(dtype=str(model_args.dtype), num_rows=len(dataset))
+    return {"data": data_fingerprint(dataset), "model": weights, "settings": ddt._json_safe(settings)}
+
+
+def _open_cache(out: Path, fingerprint: dict) -> Path:
+    """``out/.ddt_cache``, emptied (and recomputed) when its chunks were made from other data, weights or settings."""
     cache = out / ".ddt_cache"
     if distributed.is_main_process():
-        meta_file = cache / "meta.json"
-        if cache.exists() and (not meta_file.exists() or json.loads(meta_file.read_text()) != ddt._json_safe(meta)):
-            print(f"[ddt] {cache} holds results of other arguments: starting afresh")
-            shutil.rmtree(cache)
+        meta_file = cache / "fingerprint.json"
+        if cache.exists():
+            try:
+                old = json.loads(meta_file.read_text())
+            except (OSError, ValueError):
+                old = None
+            changed = changed_keys(old, fingerprint)
+            if changed:
+                what = "an unreadable or older cache" if old is None else f"a different {', '.join(changed)}"
+                print(f"[ddt] {cache} holds chunks of {what}: recomputing from scratch.", flush=True)
+                shutil.rmtree(cache)
         cache.mkdir(parents=True, exist_ok=True)
-        meta_file.write_text(json.dumps(ddt._json_safe(meta), indent=2))
+        tmp = meta_file.with_name(f".fingerprint.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(fingerprint, indent=2))
+        os.replace(tmp, meta_file)
     distributed.barrier()
     return cache
 
 
+def _encode_chunk(part) -> bytes:
+    """A chunk as an ``.npz`` archive without pickle: the NumPy arrays as arrays, everything else as one JSON
+    document (arrays replaced by ``{"__array__": key}``)."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def strip(obj):
+        if isinstance(obj, np.ndarray):
+            key = f"a{len(arrays)}"
+            arrays[key] = obj
+            return {"__array__": key}
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [strip(v) for v in obj]
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return {"__float__": repr(obj)}
+        return obj
+
+    doc = json.dumps(strip(part))
+    buffer = io.BytesIO()
+    np.savez(buffer, __json__=np.frombuffer(doc.encode(), dtype=np.uint8), **arrays)
+    return buffer.getvalue()
+
+
+def _decode_chunk(path: Path) -> list:
+    """Read a chunk written by `_encode_chunk` (``allow_pickle=False``: a planted file cannot run code)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            doc = json.loads(archive["__json__"].tobytes().decode())
+            arrays = {k: archive[k] for k in archive.files if k != "__json__"}
+    except (ValueError, OSError, KeyError, EOFError) as err:
+        raise ValueError(f"DDT cache chunk {path} is unreadable ({type(err).__name__}: {err}); delete {path.parent} "
+                         "to recompute it.") from None
+
+    def restore(obj):
+        if isinstance(obj, dict):
+            if set(obj) == {"__array__"}:
+                return arrays[obj["__array__"]]
+            if set(obj) == {"__float__"}:
+                return float(obj["__float__"])
+            return {k: restore(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [restore(v) for v in obj]
+        return obj
+
+    return restore(doc)
+
+
 def _chunked(cache: Path, name: str, num_rows: int, chunk_rows: int, compute) -> list:
-    """Concatenated ``compute(start, end)`` over row chunks; each finished chunk is pickled under ``cache`` so that an
-    interrupted run resumes after the last finished chunk.
+    """Concatenated ``compute(start, end)`` over row chunks; each finished chunk is saved under ``cache`` (an
+    ``.npz`` read back without pickle) so that an interrupted run resumes after the last finished chunk.
 
     Under several processes ``compute`` is collective (every rank scores a share and gathers), so every rank must
     skip the same chunks: the finished ones are listed once, behind a barrier, before anything new is written."""
     distributed.barrier()
-    paths = [cache / f"{name}-{k:05d}.pkl" for k in range(math.ceil(num_rows / chunk_rows))]
+    paths = [cache / f"{name}-{k:05d}.npz" for k in range(math.ceil(num_rows / chunk_rows))]
     finished = [p.exists() for p in paths]
     distributed.barrier()
     out = []
     for k, (path, done) in enumerate(zip(paths, finished)):
         if done:
-            with open(path, "rb") as f:
-                out.extend(pickle.load(f))
+            out.extend(_decode_chunk(path))
             continue
         start = k * chunk_rows
         part = compute(k, start, min(num_rows, start + chunk_rows))
         if distributed.is_main_process():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # a name of its own: never shared with another writer
-            with open(tmp, "wb") as f:
-                pickle.dump(part, f)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")  # a name of its own: never shared with another writer
+            tmp.write_bytes(_encode_chunk(part))
             os.replace(tmp, path)
         out.extend(part)
     return out
@@ -266,13 +343,20 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
 
     Rows are processed in chunks of ``resume_chunk_rows``; finished chunks are kept in ``output_dir/.ddt_cache``, so
     running the same command again after an interruption continues where it stopped."""
+    out = check_output_path(args.output_dir, "ddt output_dir", inputs=_local_inputs(script_args, model_args))
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     if args.num_samples is not None:
         dataset = dataset.select(range(min(args.num_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {script_args.dataset_name!r} (split {script_args.dataset_train_split!r}) has no rows.")
+    model_path = None
     if model is None:
         model, tokenizer = load_model(model_args, _device(args.device))
-    out = Path(args.output_dir)
-    cache = _open_cache(out, _cache_meta(args, script_args, model_args, len(dataset)))
+        from .models import resolve_model_path
+
+        model_path = resolve_model_path(str(model_args.model_name_or_path))
+    fingerprint = _cache_fingerprint(args, model_args, dataset, model, model_path)
+    cache = _open_cache(out, fingerprint)
     n_chunks = math.ceil(len(dataset) / args.resume_chunk_rows)
 
     def score_chunk(k, start, end):
@@ -287,6 +371,7 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
     summary["dataset"] = script_args.dataset_name
     summary["max_length"] = args.max_length
     summary["num_processes"] = distributed.num_processes()
+    summary["fingerprint"] = fingerprint
     own = None
     if args.compare_self_samples:
         def generate_chunk(k, start, end):
@@ -353,11 +438,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, tokenizer=None) -> dict:
     """Library form of `trl-onpolicy ddt-filter`: returns the report it writes to ``output_dir/filter_report.json``."""
-    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    if args.scores_file:
-        with open(args.scores_file) as f:
-            samples = [json.loads(line) for line in f if line.strip()]
+    if args.output_path:
+        target = Path(args.output_path)
     else:
+        source = Path(script_args.dataset_name)
+        suffix = source.suffix.lower() if source.is_file() and source.suffix.lower() in FILE_BUILDERS else ""
+        target = Path(args.output_dir) / f"filtered{suffix}"
+    # never overwrite what is read: the dataset (14 of 16 rows were lost when output_path was the input), the scores
+    inputs = _local_inputs(script_args, model_args, args.scores_file)
+    check_output_path(target, "ddt-filter output_path", inputs=inputs, is_dir=target.suffix.lower() not in FILE_BUILDERS)
+    check_output_path(args.output_dir, "ddt-filter output_dir", inputs=inputs)
+    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    samples = read_scores_file(args.scores_file, args.filter_by) if args.scores_file else None
+    if samples is not None:
+        _check_scores_match_data(args.scores_file, dataset)
+    if samples is None:
         if model is None:
             model, tokenizer = load_model(model_args, _device(args.device))
         samples = _score(model, tokenizer, dataset, args, "DDT scoring").samples
@@ -365,12 +460,6 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
         dataset, samples, by=args.filter_by, min_value=args.min_value, max_value=args.max_value,
         invert=args.invert, keep_unscored=args.keep_unscored,
     )
-    if args.output_path:
-        target = Path(args.output_path)
-    else:
-        source = Path(script_args.dataset_name)
-        suffix = source.suffix.lower() if source.is_file() and source.suffix.lower() in FILE_BUILDERS else ""
-        target = Path(args.output_dir) / f"filtered{suffix}"
     report["output_path"] = str(target)
     if distributed.is_main_process():
         save_dataset_like(filtered, target)
@@ -381,6 +470,50 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
               f"of {report['num_rows']} rows by {args.filter_by} {'outside' if args.invert else 'in'} {bounds}; "
               f"wrote {target}")
     return report
+
+
+def _check_scores_match_data(scores_file, dataset) -> None:
+    """When the `ddt` run that wrote ``scores_file`` left its summary.json beside it, its data fingerprint must be
+    that of ``dataset``: scores of other rows (same count, other content) would filter the wrong rows."""
+    summary_file = Path(scores_file).with_name("summary.json")
+    try:
+        recorded = json.loads(summary_file.read_text())["fingerprint"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an older run, or scores written elsewhere: the row count is still checked
+    if recorded != data_fingerprint(dataset):
+        raise ValueError(
+            f"scores_file {str(scores_file)!r} was computed on different data than {summary_file.parent} says this "
+            "dataset is (its content changed since `trl-onpolicy ddt` ran): score this dataset again."
+        )
+
+
+def read_scores_file(path, filter_by: str) -> list[dict]:
+    """The per-row records of a ``samples.jsonl`` written by `trl-onpolicy ddt`, checked: every line a JSON object
+    with an integer ``index`` (the error names the file and line)."""
+    from .validation import check_input_path, check_text_file
+
+    check_input_path(path, "scores_file", must_be_dir=False)
+    if Path(path).suffix.lower() not in (".jsonl", ".json"):
+        raise ValueError(f"scores_file {str(path)!r} is not a .jsonl file; pass the samples.jsonl written by `trl-onpolicy ddt`.")
+    check_text_file(path, "scores_file")
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"scores_file {str(path)!r}, line {number}: not JSON ({err.msg}).") from None
+            if not isinstance(record, dict) or not isinstance(record.get("index"), int):
+                raise ValueError(
+                    f"scores_file {str(path)!r}, line {number}: no integer `index`; pass the samples.jsonl written by "
+                    "`trl-onpolicy ddt` (not summary.json or the dataset itself)."
+                )
+            if filter_by not in record and not record.get("skipped"):
+                raise ValueError(f"scores_file {str(path)!r}, line {number}: no `{filter_by}` statistic to filter by.")
+            samples.append(record)
+    return samples
 
 
 def filter_main(argv: list[str] | None = None) -> int:

@@ -317,6 +317,10 @@ class EvalSet:
     format_instruction: bool = False
 
     def __post_init__(self):
+        from .validation import OPTIONAL_COUNT, Range, check_fields
+
+        check_fields(self, {"n": OPTIONAL_COUNT, "seed": Range(integer=True), "max_new_tokens": OPTIONAL_COUNT},
+                     owner=f"EvalSet {self.name!r}")
         if self.role not in ("in_domain", "ood", "retention"):
             raise ValueError(f"EvalSet {self.name!r}: role={self.role!r}; use 'in_domain', 'ood' or 'retention'.")
         if self.task == "file" and not self.path:
@@ -374,7 +378,15 @@ def _read_table(path: str) -> list[dict]:
         kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
         if kind is None:
             raise ValueError(f"Evaluation data {path!r}: use a .jsonl, .json, .csv or .parquet file or a saved dataset folder.")
-        ds = load_dataset(kind, data_files=str(p), split="train")
+        from .validation import check_text_file
+
+        check_text_file(p, "data")
+        try:
+            ds = load_dataset(kind, data_files=str(p), split="train")
+        except Exception as err:  # noqa: BLE001 - malformed file: name it
+            cause = err.__cause__ or err
+            raise ValueError(f"data file {path!r} could not be read as {kind}: {type(cause).__name__}: "
+                             f"{' '.join(str(cause).split())[:300]}") from err
     return list(ds)
 
 
@@ -525,10 +537,12 @@ def evaluate_set(model, tokenizer, spec: EvalSet, config: EvalConfig, output_fil
 
 
 def evaluate(
-    model, tokenizer, sets: Sequence[EvalSet | dict | str], config: EvalConfig | None = None, output_dir: str | Path | None = None
+    model, tokenizer, sets: Sequence[EvalSet | dict | str], config: EvalConfig | None = None, output_dir: str | Path | None = None,
+    model_fingerprint: str | None = None,
 ) -> dict[str, dict]:
     """Evaluate several sets (e.g. in-domain, out-of-domain, retention) with one model; ``{set name: metrics}``.
-    Per-sample outputs go to ``output_dir/<set>.jsonl`` and the metrics to ``output_dir/metrics.json``."""
+    Per-sample outputs go to ``output_dir/<set>.jsonl``, the metrics to ``output_dir/metrics.json`` and what produced
+    them to ``output_dir/fingerprint.json`` (`eval_fingerprint`; ``model_fingerprint`` skips hashing the weights)."""
     config = config or EvalConfig()
     specs = [EvalSet.from_spec(s) for s in sets]
     names = [s.name for s in specs]
@@ -540,7 +554,24 @@ def evaluate(
         results[spec.name] = evaluate_set(model, tokenizer, spec, config, out)
     if output_dir is not None:
         _write_json(Path(output_dir) / "metrics.json", results)
+        _write_json(Path(output_dir) / "fingerprint.json", eval_fingerprint(model, specs, config, model_fingerprint))
     return results
+
+
+def eval_fingerprint(model, specs: Sequence[EvalSet], config: EvalConfig, weights: str | None = None) -> dict:
+    """What produced an evaluation's outputs (written to ``output_dir/fingerprint.json``): the weights (given, or the
+    model folder's weight files, or the in-memory state dict), the content of each set's rows, and every setting
+    that changes a response or a grade. Two outputs with equal fingerprints are interchangeable."""
+    from dataclasses import asdict
+
+    from . import fingerprint as fp
+
+    if weights is None:
+        weights = fp.model_fingerprint(model)
+    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "check_workers")}
+    sets = {s.name: {"data": fp.data_fingerprint(load_eval_set(s)),
+                     "settings": fp.settings_fingerprint({k: v for k, v in asdict(s).items() if k != "path"})} for s in specs}
+    return {"model": weights, "settings": fp.settings_fingerprint(settings), "sets": sets}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -594,12 +625,28 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = TrlParser(EvalArguments)
     (args,) = parser.parse_args_and_config(argv)
+    from .fingerprint import model_fingerprint
+    from .models import resolve_model_path
+    from .validation import check_choice, check_output_path, looks_like_local_path
+
+    check_choice("dtype", args.dtype, ("float32", "bfloat16", "float16", "auto"), "eval")
+    sets = [EvalSet.from_spec(s) for s in args.sets]
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Evaluation set names must be unique; got {names}.")
+    inputs = [args.model_name_or_path] + [s.path for s in sets if s.path]
+    check_output_path(args.output_dir, "eval output_dir", inputs=[i for i in inputs if looks_like_local_path(str(i))])
+    for s in sets:  # every set readable before the model is loaded
+        if not load_eval_set(s):
+            raise ValueError(f"Evaluation set {s.name!r} is empty.")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    sets = [EvalSet.from_spec(s) for s in args.sets]
     config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
     model, tokenizer = load_model(args.model_name_or_path, args.dtype)
-    results = evaluate(model if args.backend == "hf" else args.model_name_or_path, tokenizer, sets, config, args.output_dir)
+    path = resolve_model_path(args.model_name_or_path)
+    weights = model_fingerprint(path) if Path(path).is_dir() else None
+    results = evaluate(model if args.backend == "hf" else args.model_name_or_path, tokenizer, sets, config, args.output_dir,
+                       model_fingerprint=weights)
     print(format_metrics(results))
     print(f"per-sample outputs and metrics.json in {args.output_dir}")
     return 0

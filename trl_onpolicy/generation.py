@@ -33,13 +33,25 @@ class SamplingConfig:
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
     def __post_init__(self):
-        for name in ("num_samples", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        from .validation import check_fields
+
+        # NaN and inf refused: a NaN temperature passed `< 0` guards and silently meant greedy decoding
+        check_fields(self, SAMPLING_RULES, owner=type(self).__name__)
+
+
+def _sampling_rules():
+    from .validation import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, PROBABILITY_OPEN_LOW, Range
+
+    return {
+        "num_samples": COUNT, "temperature": NON_NEGATIVE, "top_p": PROBABILITY_OPEN_LOW, "max_new_tokens": COUNT,
+        "batch_size": COUNT, "seed": Range(integer=True),
+        # fields of the configs built on SamplingConfig (EvalConfig/EvalArguments, PairConfig/PairArguments)
+        "check_workers": COUNT, "num_threads": OPTIONAL_COUNT, "max_resample_rounds": Range(lo=0, integer=True),
+        "resample_temperature": POSITIVE, "num_prompts": COUNT, "data_seed": Range(integer=True),
+    }
+
+
+SAMPLING_RULES = _sampling_rules()
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -254,33 +254,24 @@ def resolve_eos_token_ids(model, tokenizer, eos_token_ids=None) -> list[int]:
 
 def _validate(beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, max_new_tokens, temperature, top_p,
               repetition_window, repetition_count, batch_size, sampling_order):
-    def finite(x):
-        return isinstance(x, (int, float)) and math.isfinite(x)
+    from .validation import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, PROBABILITY_OPEN_LOW, Range, check_choice, check_value
 
-    if lambda_mode not in LAMBDA_MODES:
-        raise ValueError(f"lambda_mode must be one of {LAMBDA_MODES}, got {lambda_mode!r}.")
-    if not finite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}.")
-    if lambda_mode == "sigmoid" and not finite(lambda_center):
-        raise ValueError(f"lambda_center must be a finite number, got {lambda_center!r}.")
+    check_choice("lambda_mode", lambda_mode, LAMBDA_MODES, "hinted_decode")
+    checks = {"beta": (beta, NON_NEGATIVE), "max_new_tokens": (max_new_tokens, COUNT),
+              "temperature": (temperature, NON_NEGATIVE), "top_p": (top_p, PROBABILITY_OPEN_LOW),
+              "batch_size": (batch_size, OPTIONAL_COUNT)}
+    if lambda_mode == "sigmoid":
+        checks["lambda_center"] = (lambda_center, Range())
     if lambda_mode == "piecewise":
-        if not (finite(lambda_h1) and finite(lambda_h2) and lambda_h1 < lambda_h2):
-            raise ValueError(
-                f"piecewise mode needs finite lambda_h1 < lambda_h2 (thresholds on H/ln V), got {lambda_h1!r}, {lambda_h2!r}."
-            )
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
-    if not finite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}.")
-    if not finite(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+        checks.update(lambda_h1=(lambda_h1, Range()), lambda_h2=(lambda_h2, Range()))
     if repetition_window is not None and repetition_count is not None:
-        if not isinstance(repetition_window, int) or repetition_window < 1:
-            raise ValueError(f"repetition_window must be a positive int (or None to disable), got {repetition_window!r}.")
-        if not isinstance(repetition_count, int) or repetition_count < 2:
-            raise ValueError(f"repetition_count must be an int >= 2 (or None to disable), got {repetition_count!r}.")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int (samples per chunk) or None, got {batch_size!r}.")
+        checks.update(repetition_window=(repetition_window, COUNT), repetition_count=(repetition_count, Range(lo=2, integer=True)))
+    for name, (value, rule) in checks.items():
+        check_value(name, value, rule, "hinted_decode")
+    if lambda_mode == "piecewise" and not lambda_h1 < lambda_h2:
+        raise ValueError(
+            f"piecewise mode needs finite lambda_h1 < lambda_h2 (thresholds on H/ln V), got {lambda_h1!r}, {lambda_h2!r}."
+        )
     if sampling_order not in SAMPLING_ORDERS:
         raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got {sampling_order!r}.")
 

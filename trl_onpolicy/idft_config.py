@@ -8,6 +8,7 @@ import torch
 from trl import SFTConfig
 
 from .losses import EAFT_ENTROPY_MODES, IDFT_DETACH_MODES, TOKEN_LOSS_TYPES
+from .validation import check_training_arguments
 
 
 def has_accelerator() -> bool:
@@ -110,6 +111,7 @@ class IDFTConfig(SFTConfig):
     eaft_top_k: int = field(default=20, metadata={"help": "k for eaft_entropy='topk' (>= 2)."})
 
     def __post_init__(self):
+        check_training_arguments(self)  # every numeric field, TRL's and ours: finite and in range
         default_bf16_for_machine(self)
         self._validate_token_loss()
         super().__post_init__()

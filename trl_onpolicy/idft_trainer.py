@@ -99,7 +99,8 @@ class IDFTTrainer(SFTTrainer):
             if needs_hidden:
                 weight_kwargs.update(
                     eaft_entropy=self._eaft_topk_entropy(captured["hidden"], mask, "shift_labels" in inputs),
-                    eaft_num_classes=args.eaft_top_k,
+                    # the top-k entropy uses min(k, |V|) logits: normalise by the log of that count, not of k
+                    eaft_num_classes=min(args.eaft_top_k, self._vocab_size),
                 )
             else:
                 weight_kwargs.update(eaft_entropy=outputs.entropy, eaft_num_classes=self._vocab_size)

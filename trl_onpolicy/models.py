@@ -172,6 +172,9 @@ def load_model(
 
     if not name_or_path:
         raise ValueError("No model given: pass --model_name_or_path (a folder, a Hub id, or embedded:smollm2-135m-instruct).")
+    from .validation import check_model_source
+
+    check_model_source(name_or_path)  # a missing local folder or one without weights: say so, not "Hub id" errors
     path = resolve_model_path(name_or_path)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hub_kwargs = {"revision": revision} if revision not in (None, "main") else {}

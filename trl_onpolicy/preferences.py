@@ -294,8 +294,20 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import load_model
 
     (args,) = TrlParser(PairArguments).parse_args_and_config(argv)
+    from .validation import check_nonempty_column, check_output_path, looks_like_local_path
+
+    inputs = [x for x in (args.dataset_name, args.model_name_or_path) if x and looks_like_local_path(str(x))]
+    check_output_path(args.output_dir, "pairs output_dir", inputs=inputs)
     config = PairConfig(**{f.name: getattr(args, f.name) for f in fields(PairConfig)})
     rows = load_sft_rows(args.dataset_name, args.task, args.num_prompts, args.data_seed)
+    if not rows:
+        raise ValueError(f"pairs: the dataset {args.dataset_name!r} has no rows.")
+    for column in (config.prompt_column, config.completion_column, config.answer_column):
+        if column not in rows[0]:
+            raise ValueError(f"pairs: the data has no `{column}` column (it has {sorted(rows[0])}); set the matching "
+                             "*_column option.")
+    for column in (config.completion_column, config.answer_column):
+        check_nonempty_column(rows, column, f"pairs dataset {args.dataset_name!r}")
     model, tokenizer = load_model(args.model_name_or_path)
     dataset, stats = make_preference_dataset(model, tokenizer, rows, config, args.output_dir)
     print(json.dumps(stats, indent=2))

@@ -103,9 +103,15 @@ def _format_stats(label: str, s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("max_steps", "num_samples", "per_device_train_batch_size", "max_length", "save_steps"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"trl-onpolicy quickstart: --{name} must be >= 1 (got {getattr(args, name)}).")
+    from .validation import (COUNT, TRAINING_ARGUMENT_RULES, check_fields, check_model_source, check_output_path,
+                             looks_like_local_path)
+
+    # every numeric flag before any work: the trainer's own (learning rate, lengths, ...) and the quickstart's
+    check_fields(args, {**TRAINING_ARGUMENT_RULES, "max_steps": COUNT, "num_samples": COUNT, "save_steps": COUNT,
+                        "max_length": COUNT, "max_solution_chars": COUNT, "stats_batch_size": COUNT}, owner="quickstart")
+    check_model_source(args.model_name_or_path)
+    model_inputs = [args.model_name_or_path] if looks_like_local_path(args.model_name_or_path) else []
+    check_output_path(args.output_dir, "quickstart output_dir", inputs=model_inputs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -113,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .data import math_word_problems
     from .idft_config import IDFTConfig
     from .idft_trainer import IDFTTrainer
     from .models import resolve_model_path
+    from .scripts.common import last_complete_checkpoint
 
     model_path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer = IDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
-    resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    resume = last_complete_checkpoint(args.output_dir)  # a checkpoint cut short by an interruption is skipped
     print(
         f"[quickstart] model {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
         f"{len(dataset)} {args.task} problems, token_loss={args.token_loss}, {args.max_steps} steps, "

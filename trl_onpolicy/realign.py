@@ -168,24 +168,49 @@ class RealignConfig:
     score_batch_size: int = field(default=8, metadata={"help": "Batch size of DDT scoring."})
 
     def __post_init__(self):
-        positive = {"batch_size": self.batch_size, "shard_size": self.shard_size, "max_new_tokens": self.max_new_tokens,
-                    "score_batch_size": self.score_batch_size}
-        for name, value in positive.items():
-            if value is None or value < 1:
-                raise ValueError(f"RealignConfig.{name} must be >= 1, got {value!r}.")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"RealignConfig.max_samples must be >= 1 or None, got {self.max_samples!r}.")
-        if self.analysis_max_new_tokens < 0:
-            raise ValueError(f"RealignConfig.analysis_max_new_tokens must be >= 0, got {self.analysis_max_new_tokens}.")
-        if self.temperature < 0:
-            raise ValueError(f"RealignConfig.temperature must be >= 0 (0 is greedy), got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"RealignConfig.top_p must be in (0, 1], got {self.top_p}.")
-        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"RealignConfig.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}.")
-        for key in ("{question}", "{reference}"):
-            if key not in self.hint_template:
-                raise ValueError(f"RealignConfig.hint_template must contain {key} (it is filled with the sample's text).")
+        from .hinted import LAMBDA_MODES
+        from .validation import check_choice, check_fields
+
+        check_fields(self, REALIGN_RULES, owner="RealignConfig")
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"), "RealignConfig")
+        check_choice("lambda_mode", self.lambda_mode, LAMBDA_MODES, "RealignConfig")
+        if self.lambda_mode == "piecewise" and not self.lambda_h1 < self.lambda_h2:
+            raise ValueError(f"RealignConfig.lambda_h1={self.lambda_h1!r} is invalid: it must be < lambda_h2={self.lambda_h2!r}.")
+        check_hint_template(self.hint_template)
+
+
+def _realign_rules():
+    from .validation import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, PROBABILITY_OPEN_LOW, Range
+
+    return {
+        "analysis_max_new_tokens": Range(lo=0, integer=True), "beta": NON_NEGATIVE, "lambda_center": Range(),
+        "lambda_h1": Range(), "lambda_h2": Range(), "max_new_tokens": COUNT, "temperature": NON_NEGATIVE,
+        "top_p": PROBABILITY_OPEN_LOW, "seed": Range(integer=True), "batch_size": COUNT, "shard_size": COUNT,
+        "max_samples": OPTIONAL_COUNT, "min_mean_phi": Range(optional=True), "score_batch_size": COUNT,
+    }
+
+
+REALIGN_RULES = _realign_rules()
+
+
+def check_hint_template(template: str, owner: str = "RealignConfig") -> None:
+    """The hinted prompt must be a format string whose only placeholders are ``{question}`` and ``{reference}``
+    (both present); a literal brace is written ``{{`` or ``}}``."""
+    import string
+
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise ValueError(f"{owner}.hint_template is invalid: {err} (write a literal brace as {{{{ or }}}}).") from None
+    unknown = sorted(names - {"question", "reference"})
+    if unknown:
+        raise ValueError(
+            f"{owner}.hint_template is invalid: unknown placeholder(s) {['{' + n + '}' for n in unknown]}; only "
+            "{question} and {reference} are filled in (write a literal brace as {{ or }})."
+        )
+    for key in ("question", "reference"):
+        if key not in names:
+            raise ValueError(f"{owner}.hint_template must contain {{{key}}} (it is filled with the sample's text).")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -502,18 +527,27 @@ def summarize(records: list[dict], config: RealignConfig) -> dict:
 
 
 def realign_dataset(model, tokenizer, dataset, config: RealignConfig, *, checker: Callable | str | None = "config",
-                    state=None, progress: bool = True) -> dict | None:
+                    state=None, progress: bool = True, model_fingerprint: str | None = None) -> dict | None:
     """Run the re-alignment of ``dataset`` into ``config.output_dir`` (resuming finished shards); returns the summary
     on the main process (None elsewhere).
 
     ``checker`` overrides ``config.checker`` with a callable ``(response, gold, example) -> bool`` (or None to skip the
-    answer check). ``state`` is an `accelerate.PartialState` for data-parallel runs (default: a fresh one)."""
+    answer check). ``state`` is an `accelerate.PartialState` for data-parallel runs (default: a fresh one).
+    ``model_fingerprint`` is the fingerprint of the weights (default: computed from ``model``'s state dict).
+
+    ``output_dir/manifest.json`` records what produced the shards (the data's content, the weights, every setting
+    that changes a sample) and is written only after every input has been checked; a re-run whose fingerprint
+    differs is refused with a message saying what changed, so shards of two configurations are never mixed."""
     from tqdm.auto import tqdm
+
+    from . import fingerprint as fp
+    from .validation import check_output_path
 
     if config.output_dir is None:
         raise ValueError("RealignConfig.output_dir is required: the folder to write shards and the dataset to.")
     if state is None:
         state = process_state()
+    # every check first: nothing is written before the inputs are known to be good
     checker = resolve_checker(config.checker) if checker == "config" else resolve_checker(checker)
     _check_columns(dataset, config)
     if config.max_samples is not None:
@@ -521,21 +555,46 @@ def realign_dataset(model, tokenizer, dataset, config: RealignConfig, *, checker
     n = len(dataset)
     if n == 0:
         raise ValueError(f"The dataset {config.dataset_name!r} (split {config.dataset_split!r}) is empty.")
+    from .validation import check_nonempty_column, looks_like_local_path
+
+    check_nonempty_column(dataset, config.reference_column, f"realign dataset {config.dataset_name!r}")
+    check_output_path(config.output_dir, "RealignConfig.output_dir",
+                            inputs=[x for x in (config.dataset_name, config.model_name_or_path)
+                                    if x and looks_like_local_path(str(x))])
     out = Path(config.output_dir)
     num_shards = math.ceil(n / config.shard_size)
-    manifest = {"num_samples": n, "num_shards": num_shards, "settings": _sample_settings(config)}
+    settings = {k: v for k, v in _sample_settings(config).items() if k not in ("model_name_or_path", "dataset_name")}
+    record = {"data": fp.data_fingerprint(dataset), "model": model_fingerprint or fp.model_fingerprint(model),
+              "settings": fp.settings_fingerprint(settings)}
+    manifest = {"num_samples": n, "num_shards": num_shards, "fingerprint": record, "settings": _sample_settings(config)}
     manifest_path = out / "manifest.json"
-    if state.is_main_process:
-        if manifest_path.exists():
+    # every process reads the manifest before any writes it, so a refusal stops every rank (none waits forever at
+    # the barrier below); the main process writes it for a fresh output_dir
+    state.wait_for_everyone()
+    problem = None
+    if manifest_path.exists():
+        try:
             previous = json.loads(manifest_path.read_text())
-            if previous.get("settings") != manifest["settings"] or previous.get("num_samples") != n:
-                changed = sorted(k for k in manifest["settings"] if previous.get("settings", {}).get(k) != manifest["settings"][k])
-                raise ValueError(
-                    f"{out} holds shards made with different settings (changed: {changed or ['num_samples']}). Resume "
-                    "with the same settings, or choose a new output_dir."
-                )
-        else:
-            _atomic_write(manifest_path, json.dumps(manifest, indent=2))
+        except ValueError:
+            previous = {}
+        changed = fp.changed_keys(previous.get("fingerprint"), record)
+        if changed:
+            old_settings = previous.get("settings") or {}
+            which = [k for k in settings if old_settings.get(k) != settings[k]]
+            detail = f" (changed settings: {', '.join(which)})" if "settings" in changed and which else ""
+            problem = fp.stale_message(
+                f"{out} (shards and manifest.json)", changed,
+                f"resume with the same model, data and settings{detail}, or start fresh with a new output_dir (or "
+                f"delete {out}).",
+            )
+    elif any(out.glob("shards/shard-*.jsonl")):
+        problem = (f"{out} holds shards but no manifest.json saying what produced them; choose a new output_dir or "
+                   f"delete {out}.")
+    state.wait_for_everyone()
+    if problem is not None:
+        raise ValueError(problem)
+    if state.is_main_process and not manifest_path.exists():
+        _atomic_write(manifest_path, json.dumps(manifest, indent=2))
     state.wait_for_everyone()
 
     mine = [s for s in range(num_shards) if s % state.num_processes == state.process_index]
@@ -579,10 +638,20 @@ def run_realign(config: RealignConfig) -> dict | None:
     for name in ("model_name_or_path", "dataset_name", "output_dir"):
         if getattr(config, name) is None:
             raise ValueError(f"realign needs `{name}` (in the recipe or as --{name}).")
+    from .fingerprint import model_fingerprint
+    from .models import resolve_model_path
+    from .validation import check_output_path, looks_like_local_path
+
+    check_output_path(config.output_dir, "RealignConfig.output_dir",
+                      inputs=[x for x in (config.dataset_name, config.model_name_or_path) if looks_like_local_path(str(x))])
+    resolve_checker(config.checker)  # an unknown checker: before the model is loaded
     state = process_state()
     dataset = load_dataset_any(config.dataset_name, config.dataset_config, config.dataset_split)
+    _check_columns(dataset, config)
     model, tokenizer = load_model(config.model_name_or_path, config.dtype, device=state.device)
-    return realign_dataset(model, tokenizer, dataset, config, state=state)
+    path = resolve_model_path(config.model_name_or_path)
+    weights = model_fingerprint(path) if Path(path).is_dir() else None
+    return realign_dataset(model, tokenizer, dataset, config, state=state, model_fingerprint=weights)
 
 
 def main(argv: list[str] | None = None) -> int:

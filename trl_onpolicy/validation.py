@@ -181,3 +181,152 @@ def check_output_path(path, what: str, *, inputs: Iterable = (), is_dir: bool = 
     except OSError as err:
         raise ValueError(f"{what} {str(path)!r} is not writable ({probe}: {err.strerror}).") from None
     return p
+
+
+# ------------------------------------------------------------------------------------- TRL / transformers fields
+# One table for every TrainingArguments-derived config our commands build (IDFTConfig, DPOConfig, CPOConfig/
+# SimPOConfig): the fields TRL and transformers pass on unchecked (NaN and inf train a model of NaN weights with exit
+# status 0), and this package's own numeric fields. A field a config does not have is skipped.
+TRAINING_ARGUMENT_RULES: dict[str, Range] = {
+    # optimiser and schedule (transformers.TrainingArguments)
+    "learning_rate": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": Range(lo=0, optional=True),
+    "adam_beta1": Range(lo=0, hi=1, hi_open=True),
+    "adam_beta2": Range(lo=0, hi=1, hi_open=True),
+    "adam_epsilon": NON_NEGATIVE,
+    "warmup_ratio": Range(lo=0, hi=1, optional=True),
+    "warmup_steps": Range(lo=0),
+    "num_train_epochs": NON_NEGATIVE,
+    "max_steps": Range(integer=True),  # <= 0 means "use num_train_epochs"; see check_training_arguments
+    "per_device_train_batch_size": COUNT,
+    "per_device_eval_batch_size": COUNT,
+    "gradient_accumulation_steps": COUNT,
+    "eval_accumulation_steps": OPTIONAL_COUNT,
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "eval_steps": Range(lo=0, lo_open=True, optional=True),
+    "save_total_limit": Range(lo=1, integer=True, optional=True),
+    "seed": Range(integer=True),
+    "data_seed": Range(integer=True, optional=True),
+    "label_smoothing_factor": FRACTION,
+    "dataloader_num_workers": Range(lo=0, integer=True),
+    "dataloader_prefetch_factor": OPTIONAL_COUNT,
+    "dataset_num_proc": OPTIONAL_COUNT,
+    "eval_delay": NON_NEGATIVE,
+    "neftune_noise_alpha": Range(lo=0, lo_open=True, optional=True),
+    "torch_empty_cache_steps": OPTIONAL_COUNT,
+    "ddp_timeout": COUNT,
+    "router_aux_loss_coef": Range(lo=0, optional=True),
+    # lengths (SFTConfig, DPOConfig, CPOConfig)
+    "max_length": OPTIONAL_COUNT,
+    "max_prompt_length": OPTIONAL_COUNT,
+    "max_completion_length": OPTIONAL_COUNT,
+    # preference losses (DPOConfig, CPOConfig / SimPOConfig): beta <= 0 inverts or zeroes the preference
+    "beta": POSITIVE,
+    "label_smoothing": Range(lo=0, hi=0.5),
+    "simpo_gamma": NON_NEGATIVE,
+    "cpo_alpha": NON_NEGATIVE,
+    "rpo_alpha": Range(lo=0, optional=True),
+    "ld_alpha": Range(lo=0, hi=1, optional=True),
+    "ref_model_mixup_alpha": FRACTION,
+    "ref_model_sync_steps": COUNT,
+    "precompute_ref_batch_size": OPTIONAL_COUNT,
+    "f_alpha_divergence_coef": ANY_FINITE,
+    "discopop_tau": POSITIVE,
+    "alpha": ANY_FINITE,  # CPOConfig's AlphaPO exponent
+    # the token-loss family (IDFTConfig)
+    "idft_beta": POSITIVE,
+    "idft_gamma_min": NON_NEGATIVE,
+    "idft_gamma_max": NON_NEGATIVE,
+    "idft_warmup_ratio": FRACTION,
+    "idft_transition_ratio": FRACTION,
+    "eaft_top_k": Range(lo=2, integer=True),
+}
+
+
+def check_training_arguments(args, owner: str | None = None) -> None:
+    """Check a TrainingArguments-derived config against `TRAINING_ARGUMENT_RULES` and the cross-field rules: a run
+    needs ``max_steps > 0`` or ``num_train_epochs > 0`` (both unset saves the untrained model as if trained). Call it
+    first thing in the config's ``__post_init__``."""
+    owner = owner or type(args).__name__
+    check_fields(args, TRAINING_ARGUMENT_RULES, owner)
+    if getattr(args, "max_steps", 1) <= 0 and getattr(args, "num_train_epochs", 1) <= 0:
+        raise invalid(owner, "num_train_epochs", args.num_train_epochs,
+                      f"with max_steps={args.max_steps} nothing would be trained; set max_steps > 0 or num_train_epochs > 0")
+
+
+# -------------------------------------------------------------------------------------------------------- models
+def check_model_source(name, what: str = "model_name_or_path") -> None:
+    """A model given as a local path must be a folder holding a config and weight files; a missing local path is
+    reported as a missing path (not as a failed Hub download). Hub ids and embedded aliases pass unchanged."""
+    if not isinstance(name, (str, os.PathLike)) or not str(name):
+        raise ValueError(f"{what} is empty: give a local folder, a Hub id or embedded:smollm2-135m-instruct.")
+    name = str(name)
+    if not looks_like_local_path(name):
+        return
+    p = _resolved(name)
+    if not p.exists():
+        raise FileNotFoundError(f"{what}={name!r}: no such local folder (resolved to {p}).")
+    if not p.is_dir():
+        raise ValueError(f"{what}={name!r} is a file; give the model folder (with config.json and the weights).")
+    from .fingerprint import WEIGHT_SUFFIXES
+
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{what}={name!r}: the folder has no config.json, so it is not a saved model.")
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir() if f.is_file()):
+        raise FileNotFoundError(f"{what}={name!r}: the folder has no weight files (*.safetensors or *.bin).")
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+TEXT_DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+
+
+def check_text_file(path, what: str = "dataset") -> None:
+    """A local text data file (.json/.jsonl/.csv) must be UTF-8 and hold at least one non-blank line; the error
+    names the file and the first bad line."""
+    p = Path(path)
+    if p.suffix.lower() not in TEXT_DATA_SUFFIXES or not p.is_file():
+        return
+    seen = False
+    with open(p, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{what} file {str(path)!r}, line {number}: not valid UTF-8 ({err.reason} at byte {err.start} of "
+                    "the line); re-encode the file as UTF-8."
+                ) from None
+            seen = seen or bool(text.strip())
+    if not seen:
+        raise ValueError(f"{what} file {str(path)!r} is empty: it holds no rows.")
+
+
+def _is_empty_text(value) -> bool:
+    """A completion that holds no text: None, "", whitespace, [] or chat messages whose assistant turns are all empty."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return True
+        if all(isinstance(m, Mapping) for m in value):
+            turns = [m for m in value if m.get("role", "assistant") == "assistant"]
+            return not turns or all(_is_empty_text(m.get("content")) for m in turns)
+        return False
+    return False
+
+
+def check_nonempty_column(rows, column: str, what: str = "dataset") -> None:
+    """Refuse rows whose ``column`` (a completion, chosen or rejected response) is null or empty: training on them
+    teaches an immediate end of turn. The message gives the count and the first row numbers (0-based)."""
+    values = rows[column] if hasattr(rows, "column_names") else [r.get(column) for r in rows]
+    bad = [i for i, v in enumerate(values) if _is_empty_text(v)]
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"{what}: {len(bad)} of {len(values)} rows have an empty or null `{column}` (rows {shown}); remove or fix "
+            "them (training on them teaches the model to stop at once)."
+        )

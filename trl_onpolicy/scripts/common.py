@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..validation import check_model_source, check_nonempty_column, check_output_path
+
 # column sets a trainer accepts, by kind of trainer (any one set must be present)
 SFT_COLUMNS = (("messages",), ("prompt", "completion"), ("text",), ("input_ids",))
 PREFERENCE_COLUMNS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
@@ -85,31 +87,49 @@ def _strip_values(strings: list[str]) -> list[str]:
     return [s[2:].split("=", 1)[0] for s in strings if s.startswith("--")] or list(strings)
 
 
+def check_recipe_argv(argv: list[str]) -> Path | None:
+    """The recipe named by ``--config`` in ``argv`` (None without one), checked before any parser reads it: it must
+    exist, be UTF-8 YAML without Python tags (``!!python/...`` is refused: recipes are read with ``yaml.safe_load``)
+    and be a mapping of key: value with an ``env:`` mapping if any. Raises `RecipeError` with one line."""
+    flags = [a for a in argv if a == "--config" or a.startswith("--config=")]
+    if not flags:
+        return None
+    if flags[0] == "--config":
+        i = argv.index("--config")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            raise RecipeError("`--config` needs the path of a YAML recipe.")
+        value = argv[i + 1]
+    else:
+        value = flags[0].split("=", 1)[1]
+    if not value:
+        raise RecipeError("`--config` needs the path of a YAML recipe.")
+    path = Path(value)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist." if not path.exists() else
+                          f"recipe {str(path)!r} is a folder; give a YAML file.")
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {str(path)!r} is not valid UTF-8 (byte {e.start}).") from None
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML (Python tags such as !!python are refused): {detail}") from None
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"recipe {str(path)!r} must be a YAML mapping of key: value (it is a {type(recipe).__name__}).")
+    if "env" in recipe and not isinstance(recipe["env"], dict):
+        raise RecipeError(f"recipe {str(path)!r}: the `env:` block must be a mapping of VARIABLE: value.")
+    return path
+
+
 def parse_recipe(parser, argv: list[str] | None):
     """Parse ``argv`` (``--config recipe.yaml`` plus overrides) into the parser's dataclasses.
 
     Raises `RecipeError` naming each unknown key of the recipe or the command line, or a missing/unreadable recipe.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise RecipeError("`--config` needs the path of a YAML recipe.")
-        path = Path(argv[i + 1])
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist.")
-        import yaml
-
-        try:
-            recipe = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {e}") from e
-        if not isinstance(recipe, dict):
-            raise RecipeError(f"recipe {str(path)!r} must be a YAML mapping of key: value.")
-        if "env" in recipe and not isinstance(recipe["env"], dict):
-            raise RecipeError(f"recipe {str(path)!r}: the `env:` block must be a mapping of VARIABLE: value.")
-    else:
-        path = None
+    path = check_recipe_argv(argv)
     try:
         *outputs, config_rest, cli_rest = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -171,6 +191,10 @@ def resolve_model(name: str, dry_run: bool = False) -> tuple[str | None, str]:
         except (ImportError, FileNotFoundError) as e:
             raise RecipeError(f"model_name_or_path={name!r}: {e}") from e
         return path, f"embedded model {name} ({path})"
+    try:
+        check_model_source(name)
+    except (ValueError, FileNotFoundError) as e:
+        raise RecipeError(str(e)) from e
     if is_local(name):
         return str(Path(name).expanduser()), f"local folder {name}"
     if dry_run:
@@ -345,6 +369,14 @@ def check_columns(dataset, kinds, what: str) -> None:
         raise RecipeError(f"{what} dataset has columns {sorted(cols)}; it needs {wanted}.")
     if len(dataset) == 0:
         raise RecipeError(f"{what} dataset is empty: check dataset_train_split / dataset_test_split.")
+    # rows with nothing to learn from are refused, not trained on (an empty completion teaches an immediate end of
+    # turn); the message counts them and names the first rows
+    for column in ("completion", "messages", "text", "chosen", "rejected"):
+        if column in cols and (column != "text" or not any(set(k) <= cols for k in kinds if k != ("text",))):
+            try:
+                check_nonempty_column(dataset, column, f"{what} dataset")
+            except ValueError as e:
+                raise RecipeError(str(e)) from e
 
 
 def split_last_assistant_turn(example: dict) -> dict:
@@ -429,13 +461,64 @@ def common_plan(model_desc, data_desc, train, evaluation, training_args, model_a
 # ------------------------------------------------------------------------------------------------ finishing
 
 
-def resume_arg(value):
-    """``resume_from_checkpoint``: "true"/"last" resume from the newest checkpoint of output_dir, a path resumes from
-    it, empty/"false" starts fresh."""
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def checkpoint_is_complete(folder) -> bool:
+    """Whether a ``checkpoint-N`` folder was written to the end: `Trainer` writes ``trainer_state.json`` last (after
+    the weights, optimizer and RNG states), so a folder with a readable one and weights is complete. A DeepSpeed
+    checkpoint (``global_step*``) counts as weights."""
+    import json
+
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    return any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS) or any(folder.glob("global_step*"))
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """The newest complete ``checkpoint-N`` of ``output_dir`` (None if there is none); incomplete newer ones (a run
+    killed while saving) are skipped with a printed note."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := pattern.match(p.name)))
+    for step, path in reversed(found):
+        if checkpoint_is_complete(path):
+            return str(path)
+        print(f"[trl-onpolicy] {path} is incomplete (no readable trainer_state.json or no weights; a run stopped while "
+              "saving it): skipping it.", flush=True)
+    return None
+
+
+def resume_arg(value, output_dir=None):
+    """``resume_from_checkpoint``: "true"/"last" resume from the newest complete checkpoint of output_dir (none: start
+    fresh, with a note), a path resumes from it (it must be complete), empty/"false" starts fresh."""
     if value is None or str(value).lower() in ("", "false", "no", "none"):
         return None
-    if str(value).lower() in ("true", "last", "yes"):
-        return True
+    if value is True or str(value).lower() in ("true", "last", "yes"):
+        if output_dir is None:
+            return True
+        last = last_complete_checkpoint(output_dir)
+        if last is None:
+            print(f"[trl-onpolicy] resume_from_checkpoint is set but {output_dir} holds no complete checkpoint: "
+                  "starting from the beginning.", flush=True)
+        return last
+    if not Path(value).is_dir():
+        raise RecipeError(f"resume_from_checkpoint={value!r}: no such checkpoint folder.")
+    if not checkpoint_is_complete(value):
+        raise RecipeError(
+            f"resume_from_checkpoint={value!r} is incomplete (no readable trainer_state.json or no weights; the run "
+            "stopped while saving it): pass an earlier checkpoint, or resume_from_checkpoint: true for the newest "
+            "complete one."
+        )
     return value
 
 
@@ -446,7 +529,7 @@ def train_and_finish(trainer, training_args, dataset_name=None) -> None:
         f"[trl-onpolicy] {acc.num_processes} process(es), distributed type {acc.distributed_type.value}, "
         f"global batch {training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * acc.num_processes}"
     )
-    trainer.train(resume_from_checkpoint=resume_arg(training_args.resume_from_checkpoint))
+    trainer.train(resume_from_checkpoint=resume_arg(training_args.resume_from_checkpoint, training_args.output_dir))
     trainer.accelerator.print("[trl-onpolicy] training completed.")
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"[trl-onpolicy] model saved to {training_args.output_dir}.")
@@ -460,6 +543,25 @@ def train_and_finish(trainer, training_args, dataset_name=None) -> None:
         trainer.end()
 
 
+def report_dropped_rows(trainer, train) -> None:
+    """TRL drops rows left with no trainable token once truncated to ``max_length`` (a prompt that fills it): count
+    them, and refuse a run that would train on nothing."""
+    prepared = getattr(trainer, "train_dataset", None)
+    if prepared is None or not hasattr(prepared, "__len__") or train is None or getattr(trainer.args, "packing", False):
+        return
+    dropped = len(train) - len(prepared)
+    if len(prepared) == 0:
+        raise RecipeError(
+            f"every one of the {len(train)} training rows is longer than max_length={trainer.args.max_length} before "
+            "its completion starts: raise max_length or shorten the prompts."
+        )
+    if dropped > 0:
+        trainer.accelerator.print(
+            f"[trl-onpolicy] {dropped} of {len(train)} training rows have a prompt of max_length="
+            f"{trainer.args.max_length} tokens or more (no completion token left): they are not trained on."
+        )
+
+
 def run_main(body, prog: str):
     """Run ``body()``; a `RecipeError` is printed as ``prog: error: ...`` and turned into exit status 2."""
     try:
@@ -467,6 +569,11 @@ def run_main(body, prog: str):
     except RecipeError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        # also when launched as scripts/*.py (without trl_onpolicy.cli): the finished checkpoints are kept
+        print(f"\n{prog}: interrupted. Finished checkpoints are kept: run the same command with "
+              "resume_from_checkpoint: true to continue.", file=sys.stderr, flush=True)
+        return 130
 
 
 def prepare_recipe(parser, argv, columns, prepare=None, dry_run_ok: bool = True):
@@ -478,6 +585,15 @@ def prepare_recipe(parser, argv, columns, prepare=None, dry_run_ok: bool = True)
     script_args, training_args, model_args, dataset_args, run_args = parse_recipe(parser, argv)
     check_required(script_args, model_args, dataset_args)
     model_path, model_desc = resolve_model(model_args.model_name_or_path, dry_run=run_args.dry_run)
+    # the output must not overwrite what the run reads (the model folder, a local dataset) and must be writable
+    inputs = [model_path, script_args.dataset_name] + [d.path for d in (dataset_args.datasets or [])]
+    try:
+        check_output_path(training_args.output_dir, "output_dir", inputs=[i for i in inputs if i and is_local(str(i))])
+    except ValueError as e:
+        raise RecipeError(str(e)) from e
+    if training_args.resume_from_checkpoint not in (None, True) and str(training_args.resume_from_checkpoint).lower() \
+            not in ("", "false", "no", "none", "true", "last", "yes"):
+        resume_arg(training_args.resume_from_checkpoint)  # an explicit checkpoint that is missing or incomplete
     need_eval = training_args.eval_strategy != "no"
     train, evaluation, data_desc = load_splits(script_args, dataset_args, need_eval, run_args.dry_run)
     for dataset, what in ((train, "training"), (evaluation, "evaluation")):
@@ -513,6 +629,7 @@ def run_recipe(prog: str, parser, argv, columns, describe, build_trainer, prepar
             print_plan(prog, plan)
             return 0
         trainer = build_trainer(model_path, training_args, model_args, r["script_args"], train, evaluation)
+        report_dropped_rows(trainer, train)
         trainer.accelerator.print(f"[trl-onpolicy] {plan['trainer']}: {model_desc}; data: {r['data_desc']}; loss: {plan['loss']}")
         train_and_finish(trainer, training_args, r["script_args"].dataset_name)
         return 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from trl import DPOConfig
 
 from ..idft_config import default_bf16_for_machine
+from ..validation import check_training_arguments
 from .common import PREFERENCE_COLUMNS, make_parser, model_init_kwargs, prepare_recipe, run_recipe
 
 PROG = "trl-onpolicy dpo"
@@ -28,6 +29,7 @@ class DPOScriptConfig(DPOConfig):
     bf16 default refuses to start there), as in `IDFTConfig`."""
 
     def __post_init__(self):
+        check_training_arguments(self)  # every numeric field finite and in range (beta > 0: no inverted preference)
         default_bf16_for_machine(self)
         super().__post_init__()
 

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..idft_config import default_bf16_for_machine
+from ..validation import check_training_arguments
 from .common import PREFERENCE_COLUMNS, make_parser, model_init_kwargs, prepare_recipe, run_recipe, world_size
 
 PROG = "trl-onpolicy simpo"
@@ -56,6 +57,7 @@ class SimPOConfig(CPOConfig):
                 f"SimPOConfig.cpo_alpha={self.cpo_alpha!r} is invalid: pure SimPO has no NLL term; set cpo_alpha: 0 "
                 "(cpo_alpha > 0 is CPO-SimPO, which this entry point does not train)."
             )
+        check_training_arguments(self)  # every numeric field finite and in range (beta > 0: no inverted preference)
         default_bf16_for_machine(self)
         super().__post_init__()
 
