@@ -9,6 +9,7 @@ PEFT, assistant/completion-only loss, DDP, DeepSpeed, FSDP) keeps working.
 from __future__ import annotations
 
 import contextlib
+import textwrap
 import warnings
 
 import torch
@@ -16,12 +17,27 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .idft_config import IDFTConfig
+from .hinted_online import OnlineHintedMixin
+from .idft_config import IDFTConfig, to_idft_config
 from .losses import idft_schedule, token_loss
 from .ops import capture_hidden_states, lm_head_transform, token_statistics
 
 
-class IDFTTrainer(SFTTrainer):
+PAPER = {
+    "title": "Towards On-Policy SFT: Distribution Discriminant Theory and its Applications in LLM Training",
+    "id": "2602.12222",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @article{zhang2026onpolicysft,
+            title        = {{Towards On-Policy SFT: Distribution Discriminant Theory and its Applications in LLM Training}},
+            author       = {Zhang and others},
+            year         = 2026,
+            journal      = {arXiv preprint arXiv:2602.12222},
+        }"""),
+}
+
+
+class IDFTTrainer(OnlineHintedMixin, SFTTrainer):
     """Drop-in replacement for `trl.SFTTrainer` that trains with the token loss chosen by `IDFTConfig.token_loss`.
 
     Example:
@@ -33,28 +49,58 @@ class IDFTTrainer(SFTTrainer):
     trainer.train()
     ```
 
+    It takes every `SFTTrainer` argument, in the same order. ``args`` may also be a `transformers.TrainingArguments`
+    or a `trl.SFTConfig`: it is converted to `IDFTConfig` (our fields at their defaults, ``loss_type="dft"`` meaning
+    ``token_loss="dft"``) with a warning, as SFTTrainer converts a `TrainingArguments`. ``compute_loss_func`` is
+    refused (the trainer computes its own loss).
+
+    With ``data_collator=HintedDataCollator(tokenizer, ...)`` it trains online on-policy: every batch is re-aligned
+    with Hinted Decoding by the weights of the step that trains on it (`trl_onpolicy.hinted_online`).
+
     Besides SFTTrainer's `entropy` and `mean_token_accuracy` it logs `phi_mean`, `phi_std`, `phi_below_-1` (share of
     tokens with phi < -1), and for IDFT `gamma_mean` and `idft_lambda`, and `weight_mean` (mean token weight).
     """
 
-    _tag_names = ["trl", "sft", "idft", "trl-onpolicy"]
+    _tag_names = ["trl", "sft", "trl-onpolicy"]  # plus the token loss ("idft", "dft", ...) and "hinted-decoding" online
     _name = "IDFT"
+    _paper = PAPER
 
-    def __init__(self, model, args: IDFTConfig | None = None, *pos_args, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: IDFTConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+    ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model") or "model"
             args = IDFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-IDFT")
-        elif isinstance(args, TrainingArguments) and not isinstance(args, IDFTConfig):
-            raise TypeError(
-                f"IDFTTrainer needs an IDFTConfig, got {type(args).__name__}. Replace SFTConfig(...) with "
-                "trl_onpolicy.IDFTConfig(...): it accepts every SFTConfig field."
-            )
-        if kwargs.get("compute_loss_func") is not None:
+        else:
+            args = to_idft_config(args)
+        if compute_loss_func is not None:
             raise ValueError(
                 "IDFTTrainer computes its own token loss (IDFTConfig.token_loss); `compute_loss_func` cannot be "
                 "combined with it. Drop `compute_loss_func`, or subclass IDFTTrainer and override `compute_loss`."
             )
-        super().__init__(model, args, *pos_args, **kwargs)
+        self._tag_names = list(dict.fromkeys([*type(self)._tag_names, args.token_loss]))
+        hinted = self._hinted_before_init(args, data_collator)
+        super().__init__(
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, None, compute_metrics, callbacks,
+            optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config, peft_config,
+            formatting_func,
+        )
+        self._hinted_after_init(hinted)
         pc = self.accelerator.parallelism_config
         if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
             raise ValueError(
@@ -169,3 +215,18 @@ class IDFTTrainer(SFTTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+
+class OnlineIDFTTrainer(IDFTTrainer):
+    """`IDFTTrainer` that always trains online: without a ``data_collator`` it builds a `HintedDataCollator` from
+    ``processing_class`` and ``hinted_collator_kwargs``. Kept for existing code:
+    ``IDFTTrainer(..., data_collator=HintedDataCollator(tokenizer, **settings))`` is the same run."""
+
+    _tag_names = ["trl", "sft", "trl-onpolicy", "hinted-decoding"]
+
+    def __init__(self, model, args=None, data_collator=None, *pos_args, hinted_collator_kwargs: dict | None = None,
+                 **kwargs):
+        self._hinted_before_init(args, data_collator, hinted_collator_kwargs, required=True)
+        super().__init__(model, args, data_collator, *pos_args, **kwargs)
+        if self._hinted_collator is None:
+            self._hinted_after_init(None, hinted_collator_kwargs, required=True)
