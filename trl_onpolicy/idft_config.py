@@ -184,7 +184,11 @@ def to_idft_config(args) -> IDFTConfig:
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"args must be an IDFTConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
     dict_args = args.to_dict()
-    dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
+    for key in dict_args:  # to_dict hides every *_token value (hub_token, and SFTConfig's eos_token/pad_token)
+        if key.endswith("_token"):
+            dict_args[key] = getattr(args, key)
+    if dict_args.get("parallelism_config") is not None:  # to_dict writes it as JSON
+        dict_args["parallelism_config"] = args.parallelism_config
     if Version(transformers.__version__) < Version("5.0.0"):
         dict_args.pop("push_to_hub_token", None)
     config = IDFTConfig(**dict_args)
