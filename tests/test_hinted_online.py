@@ -272,3 +272,82 @@ def test_online_ddp_two_processes_zero_staleness(tiny_model_dir, tmp_path):
     assert r0["fps"][0] == r0["fps"][1] != r0["fps"][2] == r0["fps"][3]  # ... and the weights move every step
     assert r0["rows"] != r1["rows"]  # each rank generated for its own samples
     assert len(r0["logged"]) == 2 and r0["logged"][0]["hinted/mean_lambda"] == r1["logged"][0]["hinted/mean_lambda"]
+
+
+# ------------------------------------------------------------------------------------------ online mode from recipes
+
+
+def _recipe(tmp_path, model_dir, **keys):
+    import json
+
+    import yaml
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(4)))
+    spec = dict(model_name_or_path=str(model_dir), dataset_name=str(data), output_dir=str(tmp_path / "out"),
+                hinted_online=True, hinted_max_new_tokens=4, hinted_temperature=1.0, hinted_top_p=1.0,
+                hinted_splitter=None, hinted_checker="none", hinted_on_reject="keep", hinted_lambda_center=0.3,
+                max_steps=2, per_device_train_batch_size=2, learning_rate=5e-2, use_cpu=True, bf16=False,
+                gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1, seed=0,
+                dataloader_num_workers=0, disable_tqdm=True)
+    spec.update(keys)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_online_training_from_a_recipe(tiny_model_dir, tmp_path, monkeypatch):
+    """`trl-onpolicy train --config R.yaml` with hinted_online: true trains on sequences generated online, with the
+    recipe's collator settings."""
+    from trl_onpolicy.scripts import common, train
+
+    generated = set()
+    real = hinted_module.hinted_decode
+
+    def recording(model, tokenizer, hinted, plain, **kw):
+        results = real(model, tokenizer, hinted, plain, **kw)
+        generated.update(tuple(list(p) + list(r.token_ids)) for p, r in zip(plain, results))
+        return results
+
+    monkeypatch.setattr(hinted_module, "hinted_decode", recording)
+    seen, trained = {}, []
+    real_finish = common.train_and_finish
+
+    def finish(trainer, *a, **kw):
+        seen["trainer"] = trainer
+
+        def hook(module, args, kwargs):
+            if module.training:
+                trained.extend(tuple(r[m.bool()].tolist()) for r, m in zip(kwargs["input_ids"], kwargs["attention_mask"]))
+
+        trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return real_finish(trainer, *a, **kw)
+
+    monkeypatch.setattr(common, "train_and_finish", finish)
+    assert train.main(["--config", str(_recipe(tmp_path, tiny_model_dir))]) == 0
+    trainer = seen["trainer"]
+    collator = trainer.data_collator
+    assert isinstance(trainer, IDFTTrainer) and isinstance(collator, HintedDataCollator)
+    assert collator.decode_kwargs["lambda_center"] == 0.3 and collator.decode_kwargs["max_new_tokens"] == 4
+    assert len(trained) == 4 and set(trained) <= generated  # every trained sequence was generated online
+    assert len([h for h in trainer.state.log_history if "hinted/acceptance_rate" in h]) == 2
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_online_recipe_errors_are_named_before_training(tiny_model_dir, tmp_path, capsys):
+    from trl_onpolicy.scripts import train
+
+    def err(**keys):
+        rc = train.main(["--config", str(_recipe(tmp_path, tiny_model_dir, **keys)), "--dry_run"])
+        return rc, capsys.readouterr().err
+
+    assert train.main(["--config", str(_recipe(tmp_path, tiny_model_dir)), "--dry_run"]) == 0
+    assert "HintedDataCollator (online)" in capsys.readouterr().out
+    rc, msg = err(hinted_top_p=0.0)
+    assert rc == 2 and "hinted_top_p=0.0 is invalid" in msg
+    rc, msg = err(padding_free=True)
+    assert rc == 2 and "padding_free: true cannot be combined with hinted_online" in msg
+    rc, msg = err(hinted_question_column="problem")
+    assert rc == 2 and "no column(s) ['problem']" in msg
+    rc, msg = err(hinted_online=False)
+    assert rc == 2 and "hinted_online is false" in msg and "hinted_lambda_center" in msg

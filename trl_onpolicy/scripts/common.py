@@ -53,15 +53,18 @@ class RunArguments:
     )
 
 
-def make_parser(config_cls, prog: str):
-    """`TrlParser` over (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments).
+def make_parser(config_cls, prog: str, extra: tuple = ()):
+    """`TrlParser` over (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments, *extra).
 
-    Abbreviated flags are refused (``--learning_rat`` must not silently mean ``--learning_rate``).
+    Abbreviated flags are refused (``--learning_rat`` must not silently mean ``--learning_rate``). ``extra``
+    dataclasses (e.g. `trl_onpolicy.hinted_online.OnlineHintedArguments`) are parsed after the others and handed to
+    the entry point's ``describe``/``build_trainer`` as extra arguments.
     """
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
     return TrlParser(
-        (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments), prog=prog, allow_abbrev=False
+        (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments, *extra), prog=prog,
+        allow_abbrev=False,
     )
 
 
@@ -436,16 +439,18 @@ def run_main(body, prog: str):
         return 2
 
 
-def run_recipe(prog: str, parser, argv, columns, describe, build_trainer) -> int:
+def run_recipe(prog: str, parser, argv, columns, describe, build_trainer, check=None) -> int:
     """The body every training entry point shares: parse the recipe, resolve the model and the data, check the
     columns, then either print the dry-run plan or build the trainer, train, save and end the run.
 
-    ``describe(training_args, model_args) -> dict`` gives the trainer-specific plan lines (at least ``trainer`` and
-    ``loss``); ``build_trainer(model_path, training_args, model_args, script_args, train, evaluation)`` the trainer.
+    ``describe(training_args, model_args, *extra) -> dict`` gives the trainer-specific plan lines (at least
+    ``trainer`` and ``loss``); ``build_trainer(model_path, training_args, model_args, script_args, train, evaluation,
+    *extra)`` the trainer; ``extra`` are the parser's extra dataclasses (`make_parser`); ``check(training_args,
+    train, evaluation, *extra)``, if given, validates the combination before the dry-run plan or any training.
     """
 
     def body():
-        script_args, training_args, model_args, dataset_args, run_args = parse_recipe(parser, argv)
+        script_args, training_args, model_args, dataset_args, run_args, *extra = parse_recipe(parser, argv)
         check_required(script_args, model_args, dataset_args)
         model_path, model_desc = resolve_model(model_args.model_name_or_path, dry_run=run_args.dry_run)
         need_eval = training_args.eval_strategy != "no"
@@ -453,7 +458,9 @@ def run_recipe(prog: str, parser, argv, columns, describe, build_trainer) -> int
         for dataset, what in ((train, "training"), (evaluation, "evaluation")):
             if dataset is not None:
                 check_columns(dataset, columns, what)
-        plan = describe(training_args, model_args)
+        if check is not None:
+            check(training_args, train, evaluation, *extra)
+        plan = describe(training_args, model_args, *extra)
         if run_args.dry_run:
             if model_path is not None:
                 model_desc += ": " + describe_model_config(model_path, model_args)
@@ -463,7 +470,7 @@ def run_recipe(prog: str, parser, argv, columns, describe, build_trainer) -> int
             )
             print_plan(prog, plan)
             return 0
-        trainer = build_trainer(model_path, training_args, model_args, script_args, train, evaluation)
+        trainer = build_trainer(model_path, training_args, model_args, script_args, train, evaluation, *extra)
         trainer.accelerator.print(f"[trl-onpolicy] {plan['trainer']}: {model_desc}; data: {data_desc}; loss: {plan['loss']}")
         train_and_finish(trainer, training_args, script_args.dataset_name)
         return 0
