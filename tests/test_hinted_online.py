@@ -11,8 +11,14 @@ import trl_onpolicy.hinted as hinted_module
 from trl import SFTConfig, SFTTrainer
 
 from trl_onpolicy import HintedDataCollator, IDFTConfig
-from trl_onpolicy.hinted_online import HINTED_KEY, HintedSettings, OnlineHintedArguments, OnlineSFTTrainer
-from trl_onpolicy.idft_trainer import IDFTTrainer, OnlineIDFTTrainer
+from trl_onpolicy.hinted_online import (
+    HINTED_KEY,
+    HintedSettings,
+    OnlineHintedArguments,
+    OnlineIDFTTrainer,
+    OnlineSFTTrainer,
+)
+from trl_onpolicy.idft_trainer import IDFTTrainer
 
 
 rows = word_problem_rows

@@ -9,7 +9,8 @@ weights of the very optimizer step that trains on them (zero staleness). The swi
 - `HintedDataCollator` collates the ordinary tokenized batch (the reference responses, so evaluation and fallbacks
   work as usual) and keeps, beside it, each sample's plain prompt ids (rendered exactly as SFTTrainer renders the
   training prompt: same chat template, ``tools`` and ``chat_template_kwargs``), question, reference and answer.
-- `OnlineHintedMixin` (a base of `trl_onpolicy.IDFTTrainer`, so every IDFTTrainer has it) is active whenever the
+- `OnlineHintedMixin` (in `trl_onpolicy.idft_trainer`: a base of `IDFTTrainer`, so every IDFTTrainer has it; it
+  recognises the collator without importing this module) is active whenever the
   trainer's ``data_collator`` is a `HintedDataCollator`. It keeps the columns the collator reads whatever
   ``remove_unused_columns`` says, and overrides `Trainer.get_batch_samples`, which the training loop calls once per
   optimizer step to fetch the whole gradient-accumulation window. There, under `trl.models.unwrap_model_for_generation`
@@ -23,9 +24,8 @@ weights of the very optimizer step that trains on them (zero staleness). The swi
   `OnlineSFTTrainer`, i.e. SFTTrainer with the mixin), instead of silently training on the references.
 
 - `OnlineSFTTrainer` is `trl.SFTTrainer` with the mixin (plain NLL on the re-aligned responses); `OnlineIDFTTrainer`
-  (in `trl_onpolicy.idft_trainer`, importable from here) is `IDFTTrainer` that builds a default collator from
-  ``hinted_collator_kwargs``. Both are kept for existing code; ``IDFTTrainer(data_collator=HintedDataCollator(...))``
-  is the one path.
+  is `IDFTTrainer` that builds a default collator from ``hinted_collator_kwargs``. Both are kept for existing code;
+  ``IDFTTrainer(data_collator=HintedDataCollator(...))`` is the one path.
 
 A generated response is *accepted* when it ended with EOS and (if a checker is set) its final answer is correct
 against the sample's answer column, or the reference when there is none; a rejected one is replaced by the reference
@@ -52,6 +52,7 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .hinted import LAMBDA_MODES
+from .idft_trainer import HINTED_KEY, IDFTTrainer, OnlineHintedMixin
 from .realign import (
     DEFAULT_HINT_TEMPLATE,
     build_hinted_prompt_ids,
@@ -60,7 +61,6 @@ from .realign import (
 )
 from .validation import COUNT, OPTIONAL_COUNT, PROBABILITY_OPEN_LOW, Range, check_choice, check_fields
 
-HINTED_KEY = "hinted"
 ON_REJECT_CHOICES = ("reference", "keep")
 RECIPE_PREFIX = "hinted_"
 
@@ -228,6 +228,8 @@ class HintedDataCollator:
             completion-only decision and its training chat template) when left None.
     """
 
+    realigns_online = True  # recognised by OnlineHintedMixin (without importing this module)
+
     def __init__(self, tokenizer, *, max_length: int | None = None, completion_only_loss: bool | None = None,
                  chat_template: str | None = None, pad_token_id: int | None = None, **settings):
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(HintedSettings)})
@@ -379,105 +381,6 @@ class HintedDataCollator:
         return new_batches, stats
 
 
-class OnlineHintedMixin:
-    """Online re-alignment for a trainer (a base of `IDFTTrainer`; ``class T(OnlineHintedMixin, SFTTrainer)`` for
-    others). Active when the trainer's ``data_collator`` is a `HintedDataCollator`; otherwise it changes nothing.
-
-    Subclasses call `_hinted_before_init` before ``SFTTrainer.__init__`` (checks, tags) and `_hinted_after_init` after
-    it (fills the collator's trainer-dependent settings and attaches it)."""
-
-    _hinted_collator: HintedDataCollator | None = None
-
-    def _hinted_before_init(self, args, data_collator, hinted_collator_kwargs=None, required: bool = False):
-        """Validate an online setup before any work; returns the `HintedDataCollator` passed, or None."""
-        if data_collator is not None and not isinstance(data_collator, HintedDataCollator):
-            if required:
-                raise TypeError(f"{type(self).__name__} needs a HintedDataCollator (or none, for a default one), got "
-                                f"{type(data_collator).__name__}.")
-            return None
-        if data_collator is not None and hinted_collator_kwargs:
-            raise ValueError("Pass either data_collator or hinted_collator_kwargs, not both.")
-        online = required or data_collator is not None
-        if not online:
-            return None
-        if hinted_collator_kwargs:
-            HintedSettings(**hinted_collator_kwargs)  # bad settings fail before the model and data are prepared
-        if args is not None:
-            for name in ("padding_free", "packing"):
-                if getattr(args, name, False):
-                    raise ValueError(
-                        f"{type(args).__name__}.{name}=True is invalid with a HintedDataCollator: online Hinted "
-                        "Decoding rebuilds each batch from whole samples; set padding_free=False and packing=False."
-                    )
-        self._tag_names = list(dict.fromkeys([*self._tag_names, "hinted-decoding"]))
-        return data_collator
-
-    def _hinted_after_init(self, collator: HintedDataCollator | None, hinted_collator_kwargs=None, required=False):
-        if collator is None:
-            if not required:
-                return
-            if self.processing_class is None:
-                raise ValueError("Pass processing_class (the tokenizer) or a HintedDataCollator.")
-            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-            collator = HintedDataCollator(tokenizer, **(hinted_collator_kwargs or {}))
-        if collator.max_length is None:
-            collator.max_length = self.args.max_length
-        if collator.completion_only_loss is None:
-            collator.completion_only_loss = getattr(self, "completion_only_loss", True)
-        if collator.chat_template is None:
-            collator.chat_template = getattr(self, "chat_template", None)  # SFTTrainer's training template, if any
-        collator.attach(type(self).__name__)
-        self._hinted_collator = collator
-        self.data_collator = collator
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self._hinted_collator is not None:
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self._hinted_collator.columns]))
-
-    def _prepare_inputs(self, inputs):
-        if isinstance(inputs, dict):
-            inputs.pop(HINTED_KEY, None)  # evaluation batches keep the references
-        return super()._prepare_inputs(inputs)
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        if self._hinted_collator is None:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
-        if batch_samples and HINTED_KEY in batch_samples[0]:
-            batch_samples = self._realign_window(batch_samples)
-        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
-
-    def _realign_window(self, batch_samples: list[dict]) -> list[dict]:
-        from trl.models import unwrap_model_for_generation
-
-        seed = None
-        if self.args.seed is not None:
-            rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            # one seed stream per (optimizer step, rank): reproducible, and continued correctly after a resume
-            seed = (int(self.args.seed) * 1_000_003 + (self.state.global_step * world + rank) * 100_003) % (2**62)
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as unwrapped:
-            new_batches, stats = self._hinted_collator.realign(unwrapped, batch_samples, seed=seed)
-        keys = ("num_samples", "accepted", "lambda_sum", "response_tokens", "phi_sum", "phi_tokens")
-        local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        total = dict(zip(keys, self.accelerator.gather(local[None]).sum(0).tolist()))
-        metrics = self._metrics["train"]
-        n = max(total["num_samples"], 1.0)
-        metrics["hinted/acceptance_rate"].append(total["accepted"] / n)
-        metrics["hinted/mean_lambda"].append(total["lambda_sum"] / n)
-        metrics["hinted/response_tokens"].append(total["response_tokens"] / n)
-        if total["phi_tokens"] > 0:
-            metrics["hinted/mean_phi"].append(total["phi_sum"] / total["phi_tokens"])
-        return new_batches
-
-
 class OnlineSFTTrainer(OnlineHintedMixin, SFTTrainer):
     """`trl.SFTTrainer` (plain NLL) trained on responses re-aligned online with the current weights. Takes every
     SFTTrainer argument plus ``hinted_collator_kwargs`` (settings of the default collator built when
@@ -492,12 +395,19 @@ class OnlineSFTTrainer(OnlineHintedMixin, SFTTrainer):
         self._hinted_after_init(collator, hinted_collator_kwargs, required=True)
 
 
-def __getattr__(name):
-    if name == "OnlineIDFTTrainer":  # defined next to IDFTTrainer (which imports this module)
-        from .idft_trainer import OnlineIDFTTrainer
+class OnlineIDFTTrainer(IDFTTrainer):
+    """`IDFTTrainer` that always trains online: without a ``data_collator`` it builds a `HintedDataCollator` from
+    ``processing_class`` and ``hinted_collator_kwargs``. Kept for existing code:
+    ``IDFTTrainer(..., data_collator=HintedDataCollator(tokenizer, **settings))`` is the same run."""
 
-        return OnlineIDFTTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _tag_names = ["trl", "sft", "trl-onpolicy", "hinted-decoding"]
+
+    def __init__(self, model, args=None, data_collator=None, *pos_args, hinted_collator_kwargs: dict | None = None,
+                 **kwargs):
+        self._hinted_before_init(args, data_collator, hinted_collator_kwargs, required=True)
+        super().__init__(model, args, data_collator, *pos_args, **kwargs)
+        if self._hinted_collator is None:
+            self._hinted_after_init(None, hinted_collator_kwargs, required=True)
 
 
 __all__ = ["HintedSettings", "OnlineHintedArguments", "HintedDataCollator", "HintedBatch", "OnlineHintedMixin",
