@@ -31,8 +31,9 @@ def is_hinted_collator(collator) -> bool:
 
 
 class OnlineHintedMixin:
-    """Online re-alignment (`trl_onpolicy.hinted_online`) for a trainer (a base of `IDFTTrainer`; ``class T(OnlineHintedMixin, SFTTrainer)`` for
-    others). Active when the trainer's ``data_collator`` is a `HintedDataCollator`; otherwise it changes nothing.
+    """Online re-alignment (`trl_onpolicy.hinted_online`) for a trainer: a base of `IDFTTrainer`, and of
+    ``class T(OnlineHintedMixin, SFTTrainer)`` for others. Active when the trainer's ``data_collator`` is a
+    `HintedDataCollator`; otherwise it changes nothing.
 
     Subclasses call `_hinted_before_init` before ``SFTTrainer.__init__`` (checks, tags) and `_hinted_after_init` after
     it (fills the collator's trainer-dependent settings and attaches it)."""
