@@ -3,9 +3,11 @@
 Each test builds an `SFTTrainer` and an `IDFTTrainer` (``token_loss="nll"``, the same loss) on identical tiny offline
 models and data, and compares what a user can observe: the prepared dataset (input ids, labels, packing lengths), the
 collated batch (padding, padding-free position ids), the loss of a batch, evaluation metrics, trainable parameters
-under PEFT, argument conversion and the model card. Written from TRL's documentation of SFTTrainer (dataset formats,
-padding-free, packing, PEFT, assistant-only loss, evaluation, `TrainingArguments` conversion, model card tags); the
-reference each time is SFTTrainer itself, never our own output. No training beyond what a behaviour needs.
+under PEFT, argument conversion and the model card. Written from TRL's documentation of SFTTrainer (dataset formats:
+conversational, prompt-completion, text with a formatting function, pre-tokenized; padding-free, packing, truncation,
+PEFT, assistant-only loss, evaluation with one or several eval sets, `TrainingArguments` conversion, positional
+arguments, model card tags); the reference each time is SFTTrainer itself, never our own output. No training beyond
+what a behaviour needs.
 """
 
 import copy
@@ -37,7 +39,7 @@ def messages_rows(n=6):
     return rows
 
 
-def pair(tok, tmp_path, rows, *, eval_rows=None, peft=False, **kw):
+def pair(tok, tmp_path, rows, *, eval_rows=None, peft=False, formatting_func=None, **kw):
     """(SFTTrainer, IDFTTrainer) with the same model weights, data and settings."""
     out = []
     for cls, config_cls, extra in ((SFTTrainer, SFTConfig, {}), (IDFTTrainer, IDFTConfig, {"token_loss": "nll"})):
@@ -50,8 +52,8 @@ def pair(tok, tmp_path, rows, *, eval_rows=None, peft=False, **kw):
                                      task_type="CAUSAL_LM")
         args = config_cls(output_dir=str(tmp_path / cls.__name__), **{**BASE, **kw, **extra})
         out.append(cls(model, args=args, train_dataset=Dataset.from_list(rows),
-                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tok,
-                       peft_config=peft_config))
+                       eval_dataset=eval_rows, processing_class=tok, peft_config=peft_config,
+                       formatting_func=formatting_func))
     return out
 
 
@@ -129,8 +131,8 @@ def test_assistant_only_loss(tiny_tokenizer, tmp_path):
 
 def test_evaluation_during_training(tiny_tokenizer, tmp_path):
     rows = arithmetic_examples(8)
-    sft, idft = pair(tiny_tokenizer, tmp_path, rows[:6], eval_rows=rows[6:], eval_strategy="steps", eval_steps=1,
-                     max_steps=2)
+    sft, idft = pair(tiny_tokenizer, tmp_path, rows[:6], eval_rows=Dataset.from_list(rows[6:]), eval_strategy="steps",
+                     eval_steps=1, max_steps=2)
     for t in (sft, idft):
         t.train()
     evals = [[h for h in t.state.log_history if "eval_loss" in h] for t in (sft, idft)]
@@ -139,6 +141,36 @@ def test_evaluation_during_training(tiny_tokenizer, tmp_path):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
         assert b["eval_mean_token_accuracy"] == pytest.approx(a["eval_mean_token_accuracy"], abs=1e-6)
         assert "eval_phi_mean" in b  # our statistics come on top of SFTTrainer's
+
+
+def test_several_eval_datasets(tiny_tokenizer, tmp_path):
+    rows = arithmetic_examples(8)
+    evals = {"easy": Dataset.from_list(rows[:3]), "hard": Dataset.from_list(messages_rows(3))}
+    sft, idft = pair(tiny_tokenizer, tmp_path, rows, eval_rows=evals)
+    for name in evals:
+        a = sft.evaluate(metric_key_prefix=f"eval_{name}", eval_dataset=sft.eval_dataset[name])
+        b = idft.evaluate(metric_key_prefix=f"eval_{name}", eval_dataset=idft.eval_dataset[name])
+        assert b[f"eval_{name}_loss"] == pytest.approx(a[f"eval_{name}_loss"], abs=1e-5)
+
+
+def test_text_data_with_formatting_func(tiny_tokenizer, tmp_path):
+    rows = [{"question": r["prompt"], "answer": r["completion"]} for r in arithmetic_examples(6, conversational=False)]
+    sft, idft = pair(tiny_tokenizer, tmp_path, rows, formatting_func=lambda ex: f"Q: {ex['question']}A: {ex['answer']}")
+    assert_same_data_and_loss(sft, idft)
+    assert tiny_tokenizer.decode(idft.train_dataset[0]["input_ids"]).startswith("Q: What is")
+
+
+def test_pretokenized_data(tiny_tokenizer, tmp_path):
+    rows = [{"input_ids": tiny_tokenizer(f"{i} + {i} = {2 * i}")["input_ids"]} for i in range(6)]
+    sft, idft = pair(tiny_tokenizer, tmp_path, rows)
+    assert_same_data_and_loss(sft, idft)
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_truncation(tiny_tokenizer, tmp_path, mode):
+    sft, idft = pair(tiny_tokenizer, tmp_path, messages_rows(), max_length=24, truncation_mode=mode)
+    assert_same_data_and_loss(sft, idft)
+    assert max(len(x) for x in idft.train_dataset["input_ids"]) == 24
 
 
 @pytest.mark.parametrize("kind", ["TrainingArguments", "SFTConfig"])
