@@ -8,8 +8,16 @@ import torch
 from datasets import Dataset
 
 import trl_onpolicy.hinted as hinted_module
+from trl import SFTConfig, SFTTrainer
+
 from trl_onpolicy import HintedDataCollator, IDFTConfig
-from trl_onpolicy.hinted_online import HINTED_KEY, OnlineIDFTTrainer, OnlineSFTTrainer
+from trl_onpolicy.hinted_online import (
+    HINTED_KEY,
+    HintedSettings,
+    OnlineHintedArguments,
+    OnlineIDFTTrainer,
+    OnlineSFTTrainer,
+)
 from trl_onpolicy.idft_trainer import IDFTTrainer
 
 
@@ -52,12 +60,14 @@ class Recorder:
         self.forwards.append((fingerprint(module), seqs))
 
 
-def test_online_idft_generates_with_the_weights_that_train_ga2(tiny_model, tmp_path, monkeypatch):
+def test_idft_with_hinted_collator_generates_with_the_weights_that_train_ga2(tiny_model, tmp_path, monkeypatch):
+    """The user-facing switch: IDFTTrainer + HintedDataCollator, default remove_unused_columns=True."""
     model, tok = tiny_model
     rec = Recorder(model, monkeypatch)
-    trainer = OnlineIDFTTrainer(model, args=config(tmp_path), train_dataset=Dataset.from_list(rows(12)),
-                                processing_class=tok,
-                                hinted_collator_kwargs=dict(**DECODE, checker="none", on_reject="keep"))
+    trainer = IDFTTrainer(model, args=config(tmp_path), train_dataset=Dataset.from_list(rows(12)),
+                          processing_class=tok,
+                          data_collator=HintedDataCollator(tok, **DECODE, checker="none", on_reject="keep"))
+    assert trainer.args.remove_unused_columns  # the collator's columns are kept anyway
     counted = []
     real_compute = trainer.compute_loss
 
@@ -137,6 +147,7 @@ def test_rejected_responses_fall_back_to_the_reference(tiny_model, tmp_path, mon
 def test_collator_batch_and_errors(tiny_model, tmp_path):
     model, tok = tiny_model
     collator = HintedDataCollator(tok)
+    collator.attach("test")  # as a re-aligning trainer does
     ex = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], **rows(1)[0]}
     batch = collator([ex, {**ex, "input_ids": [4, 5], "labels": [-100, 5]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, tok.pad_token_id]]
@@ -146,9 +157,17 @@ def test_collator_batch_and_errors(tiny_model, tmp_path):
         collator([{"input_ids": [1], "labels": [1]}])
     with pytest.raises(ValueError, match="on_reject"):
         HintedDataCollator(tok, on_reject="drop")
+    with pytest.raises(ValueError, match=r"HintedDataCollator.top_p=0 is invalid"):
+        HintedDataCollator(tok, top_p=0)
+    with pytest.raises(TypeError, match="unknown setting"):
+        HintedDataCollator(tok, lamda_center=0.3)
     data = Dataset.from_list(rows(4))
     with pytest.raises(ValueError, match="padding_free"):
         OnlineIDFTTrainer(model, args=config(tmp_path, padding_free=True), train_dataset=data, processing_class=tok)
+    for flag in ("padding_free", "packing"):
+        with pytest.raises(ValueError, match=f"IDFTConfig.{flag}=True is invalid with a HintedDataCollator"):
+            IDFTTrainer(model, args=config(tmp_path, **{flag: True}, max_length=None if flag == "padding_free" else 64),
+                        train_dataset=data, processing_class=tok, data_collator=HintedDataCollator(tok))
     with pytest.raises(TypeError, match="HintedDataCollator"):
         OnlineIDFTTrainer(model, args=config(tmp_path), train_dataset=data, processing_class=tok,
                           data_collator=lambda x: x)
@@ -158,6 +177,80 @@ def test_collator_batch_and_errors(tiny_model, tmp_path):
 
     c = HintedDataCollator(tok, **OnlineHintedArguments(hinted_beta=2.0, hinted_on_reject="keep").collator_kwargs())
     assert c.decode_kwargs["beta"] == 2.0 and c.on_reject == "keep"
+
+
+def test_recipe_arguments_are_derived_from_the_collator_settings():
+    """One definition: every HintedSettings field is a recipe field hinted_<name> with the same type, default and help."""
+    import dataclasses
+    import typing
+
+    settings = {f.name: f for f in dataclasses.fields(HintedSettings)}
+    recipe = {f.name: f for f in dataclasses.fields(OnlineHintedArguments)}
+    assert {"lambda_center", "lambda_h1", "lambda_h2", "prompt_column", "hint_template", "system_prompt",
+            "analysis_max_new_tokens", "compute_phi"} <= set(settings)
+    assert set(recipe) == {"hinted_online"} | {f"hinted_{n}" for n in settings}
+    hints = typing.get_type_hints(HintedSettings)
+    for name, f in settings.items():
+        r = recipe[f"hinted_{name}"]
+        assert r.default == f.default and r.metadata["help"] == f.metadata["help"] and r.type == hints[name]
+    defaults = OnlineHintedArguments().collator_kwargs()
+    assert defaults == dataclasses.asdict(HintedSettings())
+
+
+def test_online_idft_trainer_alias_builds_the_collator(tiny_model, tmp_path):
+    model, tok = tiny_model
+    trainer = OnlineIDFTTrainer(model, args=config(tmp_path), train_dataset=Dataset.from_list(rows(4)),
+                                processing_class=tok, hinted_collator_kwargs=dict(beta=1.5, lambda_center=0.3))
+    c = trainer.data_collator
+    assert isinstance(c, HintedDataCollator) and c.attached_to == "OnlineIDFTTrainer"
+    assert c.decode_kwargs["beta"] == 1.5 and c.decode_kwargs["lambda_center"] == 0.3
+    assert c.max_length == trainer.args.max_length and c.completion_only_loss is True
+    assert "hinted-decoding" in trainer._tag_names and isinstance(trainer, IDFTTrainer)
+
+
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+def test_plain_sft_trainer_refuses_the_collator_clearly(tiny_model, tmp_path, remove_unused_columns):
+    """trl.SFTTrainer cannot re-align with the step's weights: its first batch raises a one-line error naming
+    IDFTTrainer, instead of training on the references (the old behaviour with remove_unused_columns=False)."""
+    model, tok = tiny_model
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, max_steps=1, use_cpu=True,
+                     bf16=False, report_to=[], save_strategy="no", remove_unused_columns=remove_unused_columns)
+    trainer = SFTTrainer(model, args=args, train_dataset=Dataset.from_list(rows(4)), processing_class=tok,
+                         data_collator=HintedDataCollator(tok, **DECODE))
+    before = fingerprint(model)
+    with pytest.raises(RuntimeError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "\n" not in message and "use IDFTTrainer(" in message and "references" in message
+    assert fingerprint(model) == before  # nothing was trained
+
+
+def test_plain_prompt_is_rendered_as_sft_trainer_renders_the_training_prompt(tiny_model, tmp_path):
+    """tools and chat_template_kwargs reach the decoding prompt: its ids equal the prompt part of TRL's own
+    tokenization of the training sample (the labels' -100 prefix), token for token."""
+    import copy
+    import json
+
+    model, tok = tiny_model
+    tok = copy.deepcopy(tok)  # the session tokenizer keeps its template
+    tok.chat_template = "{%- if persona is defined %}{{ '[' + persona + ']' }}{%- endif %}" + tok.chat_template
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+    data = [{**r, "tools": json.dumps(tools), "chat_template_kwargs": {"persona": f"tutor {i}"}}
+            for i, r in enumerate(rows(3))]
+    trainer = IDFTTrainer(model, args=config(tmp_path, token_loss="nll"), train_dataset=Dataset.from_list(data),
+                          processing_class=tok, data_collator=HintedDataCollator(tok, **DECODE))
+    sample = [trainer.train_dataset[i] for i in range(3)]
+    hb = trainer.data_collator(sample)[HINTED_KEY]
+    for i, (plain, labels, ids) in enumerate(zip(hb.plain_prompt_ids, hb.reference_labels, hb.reference_input_ids)):
+        n_prompt = next(k for k, lab in enumerate(labels) if lab != -100)
+        assert plain == ids[:n_prompt]  # TRL's training prompt, token for token
+        text = tok.decode(plain)
+        assert f"[tutor {i}]" in text and '"name": "add"' in text  # both were applied
+    # without them (what the collator did before) the prompt would differ
+    from trl_onpolicy.realign import prompt_ids
+
+    assert prompt_ids(tok, data[0]["prompt"]) != hb.plain_prompt_ids[0]
 
 
 def test_online_ddp_two_processes_zero_staleness(tiny_model_dir, tmp_path):
@@ -185,3 +278,82 @@ def test_online_ddp_two_processes_zero_staleness(tiny_model_dir, tmp_path):
     assert r0["fps"][0] == r0["fps"][1] != r0["fps"][2] == r0["fps"][3]  # ... and the weights move every step
     assert r0["rows"] != r1["rows"]  # each rank generated for its own samples
     assert len(r0["logged"]) == 2 and r0["logged"][0]["hinted/mean_lambda"] == r1["logged"][0]["hinted/mean_lambda"]
+
+
+# ------------------------------------------------------------------------------------------ online mode from recipes
+
+
+def _recipe(tmp_path, model_dir, **keys):
+    import json
+
+    import yaml
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(4)))
+    spec = dict(model_name_or_path=str(model_dir), dataset_name=str(data), output_dir=str(tmp_path / "out"),
+                hinted_online=True, hinted_max_new_tokens=4, hinted_temperature=1.0, hinted_top_p=1.0,
+                hinted_splitter=None, hinted_checker="none", hinted_on_reject="keep", hinted_lambda_center=0.3,
+                max_steps=2, per_device_train_batch_size=2, learning_rate=5e-2, use_cpu=True, bf16=False,
+                gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1, seed=0,
+                dataloader_num_workers=0, disable_tqdm=True)
+    spec.update(keys)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_online_training_from_a_recipe(tiny_model_dir, tmp_path, monkeypatch):
+    """`trl-onpolicy train --config R.yaml` with hinted_online: true trains on sequences generated online, with the
+    recipe's collator settings."""
+    from trl_onpolicy.scripts import common, train
+
+    generated = set()
+    real = hinted_module.hinted_decode
+
+    def recording(model, tokenizer, hinted, plain, **kw):
+        results = real(model, tokenizer, hinted, plain, **kw)
+        generated.update(tuple(list(p) + list(r.token_ids)) for p, r in zip(plain, results))
+        return results
+
+    monkeypatch.setattr(hinted_module, "hinted_decode", recording)
+    seen, trained = {}, []
+    real_finish = common.train_and_finish
+
+    def finish(trainer, *a, **kw):
+        seen["trainer"] = trainer
+
+        def hook(module, args, kwargs):
+            if module.training:
+                trained.extend(tuple(r[m.bool()].tolist()) for r, m in zip(kwargs["input_ids"], kwargs["attention_mask"]))
+
+        trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return real_finish(trainer, *a, **kw)
+
+    monkeypatch.setattr(common, "train_and_finish", finish)
+    assert train.main(["--config", str(_recipe(tmp_path, tiny_model_dir))]) == 0
+    trainer = seen["trainer"]
+    collator = trainer.data_collator
+    assert isinstance(trainer, IDFTTrainer) and isinstance(collator, HintedDataCollator)
+    assert collator.decode_kwargs["lambda_center"] == 0.3 and collator.decode_kwargs["max_new_tokens"] == 4
+    assert len(trained) == 4 and set(trained) <= generated  # every trained sequence was generated online
+    assert len([h for h in trainer.state.log_history if "hinted/acceptance_rate" in h]) == 2
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_online_recipe_errors_are_named_before_training(tiny_model_dir, tmp_path, capsys):
+    from trl_onpolicy.scripts import train
+
+    def err(**keys):
+        rc = train.main(["--config", str(_recipe(tmp_path, tiny_model_dir, **keys)), "--dry_run"])
+        return rc, capsys.readouterr().err
+
+    assert train.main(["--config", str(_recipe(tmp_path, tiny_model_dir)), "--dry_run"]) == 0
+    assert "HintedDataCollator (online)" in capsys.readouterr().out
+    rc, msg = err(hinted_top_p=0.0)
+    assert rc == 2 and "hinted_top_p=0.0 is invalid" in msg
+    rc, msg = err(padding_free=True)
+    assert rc == 2 and "padding_free: true cannot be combined with hinted_online" in msg
+    rc, msg = err(hinted_question_column="problem")
+    assert rc == 2 and "no column(s) ['problem']" in msg
+    rc, msg = err(hinted_online=False)
+    assert rc == 2 and "hinted_online is false" in msg and "hinted_lambda_center" in msg

@@ -347,7 +347,8 @@ INVALID = [
     ("idft_detach", dict(idft_detach="logits")),
     ("eaft_entropy", dict(eaft_entropy="half")),
     ("eaft_top_k", dict(eaft_top_k=1)),
-    ("loss_type", dict(loss_type="dft")),
+    ("loss_type", dict(loss_type="kto")),
+    ("token_loss", dict(loss_type="dft", token_loss="eaft")),  # contradicts TRL's DFT
     ("label_smoothing_factor", dict(label_smoothing_factor=0.1)),
 ]
 
@@ -375,15 +376,24 @@ def test_valid_edge_values_construct(tmp_path):
         assert cfg.loss_type == "nll"
 
 
-def test_trainer_refuses_compute_loss_func_and_sftconfig(tiny_model, tmp_path):
+def test_trainer_refuses_compute_loss_func_however_passed(tiny_model, tmp_path):
     model, tok = tiny_model
     ds = Dataset.from_list(arithmetic_examples(4))
+    args = IDFTConfig(output_dir=str(tmp_path), report_to="none")
+    loss_func = lambda outputs, labels, num_items_in_batch=None: 0.0  # noqa: E731
     with pytest.raises(ValueError, match="compute_loss_func"):
-        IDFTTrainer(model=model, args=IDFTConfig(output_dir=str(tmp_path), report_to="none"), train_dataset=ds,
-                    processing_class=tok, compute_loss_func=lambda outputs, labels, num_items_in_batch=None: 0.0)
-    with pytest.raises(TypeError, match="IDFTConfig"):
-        IDFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), report_to="none", **CPU), train_dataset=ds,
-                    processing_class=tok)
+        IDFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, compute_loss_func=loss_func)
+    # positionally, in SFTTrainer's order: model, args, data_collator, train_dataset, eval_dataset,
+    # processing_class, compute_loss_func
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        IDFTTrainer(model, args, None, ds, None, tok, loss_func)
+
+
+def test_loss_type_dft_is_token_loss_dft(tmp_path):
+    assert IDFTConfig(output_dir=str(tmp_path), report_to="none").token_loss == "idft"
+    assert IDFTConfig(output_dir=str(tmp_path), report_to="none", loss_type="nll").token_loss == "idft"
+    assert IDFTConfig(output_dir=str(tmp_path), report_to="none", loss_type="dft").token_loss == "dft"
+    assert IDFTConfig(output_dir=str(tmp_path), report_to="none", loss_type="dft", token_loss="dft").token_loss == "dft"
 
 
 def _outcome(config_cls, tmp_path, **kw):

@@ -49,7 +49,8 @@ def test_recipes_are_shipped():
     for size in ("qwen2.5-math-1.5b", "qwen2.5-math-7b"):
         for method in ("idft", "dft", "eaft", "sft", "dpo", "simpo"):
             assert f"{size}/{method}.yaml" in names
-    assert {"quickstart/cpu_idft.yaml", "qwen2.5-math-1.5b/idft_hinted.yaml", "qwen2.5-math-1.5b-instruct/idft.yaml"} <= names
+    assert {"quickstart/cpu_idft.yaml", "qwen2.5-math-1.5b/idft_hinted.yaml", "qwen2.5-math-1.5b-instruct/idft.yaml",
+            "quickstart/cpu_idft_online.yaml", "qwen2.5-math-1.5b/idft_online.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
@@ -211,10 +212,10 @@ def test_cli_overrides_recipe_env_block_and_splits(tmp_path, tiny_model_dir, sft
     parser = train.make_train_parser()
     from trl_onpolicy.scripts.common import parse_recipe
 
-    script_args, args, model_args, _, run_args = parse_recipe(
+    script_args, args, model_args, _, run_args, hinted = parse_recipe(
         parser, ["--config", str(recipe), "--token_loss", "eaft", "--dry_run", "--output_dir", str(tmp_path / "o")]
     )
-    assert (args.token_loss, args.learning_rate, run_args.dry_run) == ("eaft", 1e-4, True)
+    assert (args.token_loss, args.learning_rate, run_args.dry_run, hinted.hinted_online) == ("eaft", 1e-4, True, False)
     assert os.environ["TRL_ONPOLICY_RECIPE_TEST"] == "from-recipe"
     assert train.main(["--config", str(recipe), "--dry_run", "--output_dir", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out

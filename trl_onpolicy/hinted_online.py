@@ -2,37 +2,50 @@
 
 Offline re-alignment (`trl-onpolicy realign`) makes a corpus on-policy for the model as it was *before* training;
 as the weights move, the corpus drifts off-policy again. Online mode regenerates each batch's responses with the
-weights of the very optimizer step that trains on them (zero staleness):
+weights of the very optimizer step that trains on them (zero staleness). The switch is the collator::
+
+    trainer = IDFTTrainer(model, args, train_dataset=ds, data_collator=HintedDataCollator(tokenizer, beta=3.0))
 
 - `HintedDataCollator` collates the ordinary tokenized batch (the reference responses, so evaluation and fallbacks
-  work as usual) and keeps, beside it, each sample's plain prompt ids, question, reference and answer.
-- `OnlineHintedMixin` overrides `Trainer.get_batch_samples`, which the training loop calls once per optimizer step
-  to fetch the whole gradient-accumulation window. There, under `trl.models.unwrap_model_for_generation` (which
-  gathers ZeRO-3 shards and pauses gradient checkpointing), it runs `hinted_decode` for every sample of the window,
-  rebuilds the micro-batches from ``plain prompt + generated response`` and recounts ``num_items_in_batch``. The
-  weights that generate are therefore exactly those the following forward/backward passes use.
+  work as usual) and keeps, beside it, each sample's plain prompt ids (rendered exactly as SFTTrainer renders the
+  training prompt: same chat template, ``tools`` and ``chat_template_kwargs``), question, reference and answer.
+- `OnlineHintedMixin` (in `trl_onpolicy.idft_trainer`: a base of `IDFTTrainer`, so every IDFTTrainer has it; it
+  recognises the collator without importing this module) is active whenever the
+  trainer's ``data_collator`` is a `HintedDataCollator`. It keeps the columns the collator reads whatever
+  ``remove_unused_columns`` says, and overrides `Trainer.get_batch_samples`, which the training loop calls once per
+  optimizer step to fetch the whole gradient-accumulation window. There, under `trl.models.unwrap_model_for_generation`
+  (which gathers ZeRO-3 shards and pauses gradient checkpointing), it runs `hinted_decode` for every sample of the
+  window, rebuilds the micro-batches from ``plain prompt + generated response`` and recounts ``num_items_in_batch``.
+  The weights that generate are therefore exactly those the following forward/backward passes use.
 
   A collator that generates by itself would be one optimizer step stale: accelerate's dataloader reads one batch
-  ahead, so the collator runs before the previous step's update.
+  ahead, so the collator runs before the previous step's update. That is why a plain `trl.SFTTrainer`, which has no
+  such hook, cannot use this collator: its first batch raises an error saying to use `IDFTTrainer` (or
+  `OnlineSFTTrainer`, i.e. SFTTrainer with the mixin), instead of silently training on the references.
 
-- `OnlineIDFTTrainer` and `OnlineSFTTrainer` are `IDFTTrainer`/`SFTTrainer` with the mixin.
+- `OnlineSFTTrainer` is `trl.SFTTrainer` with the mixin (plain NLL on the re-aligned responses); `OnlineIDFTTrainer`
+  is `IDFTTrainer` that builds a default collator from ``hinted_collator_kwargs``. Both are kept for existing code;
+  ``IDFTTrainer(data_collator=HintedDataCollator(...))`` is the one path.
 
 A generated response is *accepted* by the offline filters' rule (`trl_onpolicy.realign.accept_response`): it ended
 with EOS and (unless the checker is "none") its final answer is correct against the answer column, or, without one,
 against the reference solution's final answer; a rejected one is replaced by the reference response
-(``on_reject="reference"``, default) or trained on anyway (``on_reject="keep"``). Logged each step: ``hinted/acceptance_rate``,
-``hinted/mean_phi`` (DDT mean phi of the generated responses under the plain prompt, current weights),
-``hinted/mean_lambda`` and ``hinted/response_tokens``.
+(``on_reject="reference"``, default) or trained on anyway (``on_reject="keep"``). Logged each step:
+``hinted/acceptance_rate``, ``hinted/mean_phi`` (DDT mean phi of the generated responses under the plain prompt,
+current weights; ``compute_phi``), ``hinted/mean_lambda`` and ``hinted/response_tokens``.
 
-Requirements: the training dataset is prompt-completion (conversational or not) with a question column and a
-reference column (a `trl_onpolicy.data.math_word_problems` dataset has `prompt`, `completion`, `question`,
-`solution`, `answer`; an eval dataset needs the same columns, its batches keep the references); ``padding_free=False``
-and ``packing=False`` (SFTTrainer refuses custom collators with them).
+Requirements: a question column and a reference column in the training dataset (a
+`trl_onpolicy.data.math_word_problems` dataset has `prompt`, `completion`, `question`, `solution`, `answer`; an eval
+dataset needs the same columns, its batches keep the references); ``padding_free=False`` and ``packing=False``.
+Recipes: `OnlineHintedArguments` (``hinted_online: true`` plus one ``hinted_<setting>`` field per collator setting,
+derived from `HintedSettings`) is parsed by `trl-onpolicy train`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -40,19 +53,20 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .generation import eos_token_ids
-from .idft_trainer import IDFTTrainer
+from .hinted import LAMBDA_MODES
+from .idft_trainer import HINTED_KEY, IDFTTrainer, OnlineHintedMixin
 from .realign import (
     DEFAULT_HINT_TEMPLATE,
     accept_response,
     build_hinted_prompt_ids,
     completion_text,
-    plain_prompt,
-    prompt_ids,
     resolve_checker,
     response_statistics,
 )
+from .validation import COUNT, OPTIONAL_COUNT, PROBABILITY_OPEN_LOW, Range, check_choice, check_fields
 
-HINTED_KEY = "hinted"
+ON_REJECT_CHOICES = ("reference", "keep")
+RECIPE_PREFIX = "hinted_"
 
 
 @dataclass
@@ -72,99 +86,191 @@ class HintedBatch:
 
 
 @dataclass
-class OnlineHintedArguments:
-    """Online Hinted Decoding settings for recipes: parse it beside `IDFTConfig` with `TrlParser` and pass
-    ``hinted_collator_kwargs=args.collator_kwargs()`` to `OnlineIDFTTrainer`/`OnlineSFTTrainer`. Each field is the
-    `HintedDataCollator` argument of the same name without the ``hinted_`` prefix."""
+class HintedSettings:
+    r"""
+    Settings of online Hinted Decoding: the one definition behind `HintedDataCollator`'s keyword arguments and the
+    recipe fields of `OnlineHintedArguments` (``hinted_<name>``, same help).
 
-    hinted_question_column: str = field(default="question", metadata={"help": "Column with the problem."})
-    hinted_reference_column: str = field(default="solution", metadata={"help": "Column with the reference solution."})
-    hinted_answer_column: str | None = field(default="answer", metadata={"help": "Column with the final answer."})
-    hinted_beta: float = field(default=3.0, metadata={"help": "Hinted Decoding beta."})
-    hinted_lambda_mode: str = field(default="linear", metadata={"help": "linear, sigmoid or piecewise."})
-    hinted_splitter: str | None = field(default="\\boxed{", metadata={"help": "After this, plain stream only."})
-    hinted_max_new_tokens: int = field(default=256, metadata={"help": "Maximum generated tokens per response."})
-    hinted_temperature: float = field(default=0.3, metadata={"help": "Sampling temperature (0: greedy)."})
-    hinted_top_p: float = field(default=0.95, metadata={"help": "Top-p of the sampler."})
-    hinted_checker: str = field(default="math_verify", metadata={"help": "Answer checker, or 'none'."})
-    hinted_on_reject: str = field(default="reference", metadata={"help": "'reference' or 'keep'."})
-    hinted_generation_batch_size: int | None = field(default=None, metadata={"help": "Samples decoded together."})
+    Parameters:
+        question_column, reference_column, answer_column, prompt_column (`str`):
+            Dataset columns. The plain prompt is `prompt_column` (the ordinary training prompt) when the sample has
+            it, else the chat template on the question (after `system_prompt`). The gold answer is `answer_column`,
+            or the reference when it is `None` or absent.
+        hint_template, system_prompt, analysis_max_new_tokens:
+            The hinted (shadow) prompt, as in `trl_onpolicy.realign`.
+        beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, splitter, max_new_tokens, temperature, top_p:
+            Passed to `trl_onpolicy.hinted.hinted_decode`.
+        checker (`str` or callable), on_reject, generation_batch_size, compute_phi:
+            Acceptance and logging (see the field help).
+    """
 
-    def collator_kwargs(self) -> dict:
-        return {name[len("hinted_"):]: value for name, value in vars(self).items()}
+    question_column: str = field(default="question", metadata={"help": "Column with the problem."})
+    reference_column: str = field(default="solution", metadata={"help": "Column with the reference solution."})
+    answer_column: str | None = field(
+        default="answer", metadata={"help": "Column with the final answer; None: the reference is the gold."}
+    )
+    prompt_column: str | None = field(
+        default="prompt",
+        metadata={"help": "Column with the plain (training) prompt; None or absent: chat template on the question."},
+    )
+    hint_template: str = field(
+        default=DEFAULT_HINT_TEMPLATE,
+        metadata={"help": "User turn of the hinted stream; must contain {question} and {reference}."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System turn of the hinted prompt (and of a plain prompt built from the question)."}
+    )
+    analysis_max_new_tokens: int = field(
+        default=0, metadata={"help": "If > 0, the hinted stream first writes an analysis of this many tokens at most."}
+    )
+    beta: float = field(default=3.0, metadata={"help": "Hinted Decoding beta (strength of the hint), >= 0."})
+    lambda_mode: str = field(
+        default="linear",
+        metadata={"help": "Entropy-to-lambda map: linear, sigmoid or piecewise.", "choices": list(LAMBDA_MODES)},
+    )
+    lambda_center: float = field(default=0.5, metadata={"help": "Centre of the sigmoid lambda map."})
+    lambda_h1: float = field(default=0.1, metadata={"help": "Lower entropy knot of the piecewise lambda map."})
+    lambda_h2: float = field(default=0.4, metadata={"help": "Upper entropy knot of the piecewise lambda map."})
+    splitter: str | None = field(
+        default="\\boxed{", metadata={"help": "After this text is generated, only the plain stream decodes."}
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum generated tokens per response."})
+    temperature: float = field(default=0.3, metadata={"help": "Sampling temperature (0: greedy)."})
+    top_p: float = field(default=0.95, metadata={"help": "Top-p of the sampler, in (0, 1]."})
+    checker: str | None = field(
+        default="math_verify",
+        metadata={"help": "Answer checker (math_verify, numeric, exact, contains, module:function) or 'none'."},
+    )
+    on_reject: str = field(
+        default="reference",
+        metadata={"help": "A rejected response: 'reference' (train on the reference) or 'keep'.",
+                  "choices": list(ON_REJECT_CHOICES)},
+    )
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Samples decoded together (default: the whole accumulation window)."}
+    )
+    compute_phi: bool = field(
+        default=True, metadata={"help": "Log hinted/mean_phi (one extra forward without gradients per step)."}
+    )
+
+    def __post_init__(self):
+        owner = "HintedDataCollator"
+        check_choice("lambda_mode", self.lambda_mode, LAMBDA_MODES, owner)
+        check_choice("on_reject", self.on_reject, ON_REJECT_CHOICES, owner)
+        check_fields(self, {
+            "beta": Range(lo=0), "lambda_center": Range(), "lambda_h1": Range(), "lambda_h2": Range(),
+            "max_new_tokens": COUNT, "temperature": Range(lo=0), "top_p": PROBABILITY_OPEN_LOW,
+            "analysis_max_new_tokens": Range(lo=0, integer=True), "generation_batch_size": OPTIONAL_COUNT,
+        }, owner)
+        if self.lambda_mode == "piecewise" and not self.lambda_h1 < self.lambda_h2:
+            raise ValueError(f"{owner}.lambda_h1={self.lambda_h1!r} is invalid: piecewise mode needs lambda_h1 < "
+                             f"lambda_h2={self.lambda_h2!r}.")
+        for key in ("{question}", "{reference}"):
+            if key not in self.hint_template:
+                raise ValueError(f"{owner}.hint_template is invalid: it must contain {key}.")
+        for name in ("question_column", "reference_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{owner}.{name}={getattr(self, name)!r} is invalid: expected a column name.")
+
+
+def _online_arguments_class():
+    """`OnlineHintedArguments`: ``hinted_online`` plus ``hinted_<name>`` for every `HintedSettings` field (same
+    type, default and help), so that recipes and the collator share one definition."""
+    hints = typing.get_type_hints(HintedSettings)
+    specs = [("hinted_online", bool, field(default=False, metadata={
+        "help": "Train with online Hinted Decoding: every batch is re-aligned with the current weights "
+                "(IDFTTrainer + HintedDataCollator; the hinted_* fields are its settings)."}))]
+    for f in dataclasses.fields(HintedSettings):
+        specs.append((RECIPE_PREFIX + f.name, hints[f.name], field(default=f.default, metadata=dict(f.metadata))))
+    doc_lines = ["Online Hinted Decoding settings of a recipe (`trl-onpolicy train`): ``hinted_online`` turns it on;",
+                 "each ``hinted_<name>`` field is the `HintedDataCollator`/`HintedSettings` argument ``<name>``.", "",
+                 "Parameters:"]
+    for name, _, f in specs:
+        doc_lines.append(f"    {name} (default {f.default!r}): {f.metadata['help']}")
+    cls = dataclasses.make_dataclass("OnlineHintedArguments", specs, namespace={
+        "collator_kwargs": lambda self: {f.name: getattr(self, RECIPE_PREFIX + f.name) for f in dataclasses.fields(HintedSettings)},
+        "__doc__": "\n".join(doc_lines),
+    })
+    cls.__module__ = __name__
+    return cls
+
+
+OnlineHintedArguments = _online_arguments_class()
+
+
+def render_prompt_ids(tokenizer, example: dict, prompt, chat_template: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` exactly as `trl.SFTTrainer` tokenizes a training prompt: a conversational prompt goes
+    through ``apply_chat_template`` with the generation prompt, the trainer's chat template, the example's ``tools``
+    (a JSON string is decoded) and ``chat_template_kwargs``; a text prompt is tokenized as is."""
+    if isinstance(prompt, str):
+        return list(tokenizer(text=prompt)["input_ids"])
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "The tokenizer has no chat template, so conversational prompts cannot be built. Use a chat model, set "
+            "tokenizer.chat_template, or give plain-text prompts."
+        )
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    kwargs = {"chat_template": chat_template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
+    out = tokenizer.apply_chat_template(list(prompt), tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs)
+    return list(out["input_ids"])
 
 
 class HintedDataCollator:
-    """Collator for online Hinted Decoding; used by `OnlineHintedMixin` (e.g. `OnlineIDFTTrainer`).
+    """The switch for online on-policy SFT: pass it as ``data_collator`` to `trl_onpolicy.IDFTTrainer` and every batch
+    is re-aligned with the current weights (see the module doc). With a plain `trl.SFTTrainer` its first batch raises
+    (SFTTrainer has no hook to generate with the weights of the step, and would train on the references).
 
     On its own it returns TRL's ordinary padded batch of the reference responses plus a `HintedBatch` under the
-    ``"hinted"`` key. The trainer mixin then replaces the responses with ones generated by the current weights
-    (`realign`), so that training on them is on-policy. The decoding settings live here.
+    ``"hinted"`` key; the trainer then replaces the responses with ones generated by the current weights (`realign`).
 
     Args:
         tokenizer: the model's tokenizer (with a chat template for conversational prompts).
-        question_column, reference_column, answer_column, prompt_column: dataset columns. The plain prompt is the
-            `prompt_column` (the ordinary training prompt) or, if absent, the chat template on the question.
-        hint_template, system_prompt, analysis_max_new_tokens: the hinted prompt (see `trl_onpolicy.realign`).
-        beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, splitter, max_new_tokens, temperature, top_p:
-            passed to `trl_onpolicy.hinted.hinted_decode`.
-        checker: answer checker spec (`trl_onpolicy.realign.resolve_checker`), or "none".
-        on_reject: "reference" (train on the reference instead of a rejected response) or "keep".
-        generation_batch_size: samples decoded together (default: the whole accumulation window at once).
-        compute_phi: score the generated responses with DDT (one extra forward without gradients) for logging.
-        max_length, completion_only_loss, pad_token_id: set from the trainer's config by the mixin when left None.
+        **settings: the fields of `HintedSettings` (columns, hinted prompt, decoding, acceptance, phi logging);
+            ``checker`` may also be a callable ``(extracted_answer, gold) -> bool``.
+        max_length, completion_only_loss, chat_template, pad_token_id: set from the trainer (its config, its
+            completion-only decision and its training chat template) when left None.
     """
 
-    def __init__(
-        self,
-        tokenizer,
-        *,
-        question_column: str = "question",
-        reference_column: str = "solution",
-        answer_column: str | None = "answer",
-        prompt_column: str | None = "prompt",
-        hint_template: str = DEFAULT_HINT_TEMPLATE,
-        system_prompt: str | None = None,
-        analysis_max_new_tokens: int = 0,
-        beta: float = 3.0,
-        lambda_mode: str = "linear",
-        lambda_center: float = 0.5,
-        lambda_h1: float = 0.1,
-        lambda_h2: float = 0.4,
-        splitter: str | None = "\\boxed{",
-        max_new_tokens: int = 256,
-        temperature: float = 0.3,
-        top_p: float = 0.95,
-        checker: str | Callable | None = "math_verify",
-        on_reject: str = "reference",
-        generation_batch_size: int | None = None,
-        compute_phi: bool = True,
-        max_length: int | None = None,
-        completion_only_loss: bool | None = None,
-        pad_token_id: int | None = None,
-    ):
-        if on_reject not in ("reference", "keep"):
-            raise ValueError(f"on_reject must be 'reference' or 'keep', got {on_reject!r}.")
-        for key in ("{question}", "{reference}"):
-            if key not in hint_template:
-                raise ValueError(f"hint_template must contain {key}.")
+    realigns_online = True  # recognised by OnlineHintedMixin (without importing this module)
+
+    def __init__(self, tokenizer, *, max_length: int | None = None, completion_only_loss: bool | None = None,
+                 chat_template: str | None = None, pad_token_id: int | None = None, **settings):
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(HintedSettings)})
+        if unknown:
+            raise TypeError(f"HintedDataCollator got unknown setting(s) {unknown}; the settings are the fields of "
+                            f"HintedSettings: {[f.name for f in dataclasses.fields(HintedSettings)]}.")
+        self.settings = s = HintedSettings(**settings)  # validates; `checker` may be a callable here
         self.tokenizer = tokenizer
-        self.question_column, self.reference_column = question_column, reference_column
-        self.answer_column, self.prompt_column = answer_column, prompt_column
-        self.hint_template, self.system_prompt = hint_template, system_prompt
-        self.analysis_max_new_tokens = analysis_max_new_tokens
-        self.decode_kwargs = dict(beta=beta, lambda_mode=lambda_mode, lambda_center=lambda_center, lambda_h1=lambda_h1,
-                                  lambda_h2=lambda_h2, splitter=splitter, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p)
-        self.checker = resolve_checker(checker)
-        self.on_reject = on_reject
-        self.generation_batch_size = generation_batch_size
-        self.compute_phi = compute_phi
+        self.question_column, self.reference_column = s.question_column, s.reference_column
+        self.answer_column, self.prompt_column = s.answer_column, s.prompt_column
+        self.hint_template, self.system_prompt = s.hint_template, s.system_prompt
+        self.analysis_max_new_tokens = s.analysis_max_new_tokens
+        self.decode_kwargs = dict(beta=s.beta, lambda_mode=s.lambda_mode, lambda_center=s.lambda_center,
+                                  lambda_h1=s.lambda_h1, lambda_h2=s.lambda_h2, splitter=s.splitter,
+                                  max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+        self.checker = resolve_checker(s.checker)
+        self.on_reject = s.on_reject
+        self.generation_batch_size = s.generation_batch_size
+        self.compute_phi = s.compute_phi
         self.max_length = max_length
         self.completion_only_loss = completion_only_loss
+        self.chat_template = chat_template
         if pad_token_id is None:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = pad_token_id
+        self.attached_to: str | None = None  # set by the trainer that re-aligns (OnlineHintedMixin)
+
+    def attach(self, owner: str) -> None:
+        """Mark the collator as driven by a trainer that re-aligns its batches (called by `OnlineHintedMixin`)."""
+        self.attached_to = owner
+
+    @property
+    def columns(self) -> list[str]:
+        """Dataset columns the collator reads (kept by the trainer whatever ``remove_unused_columns`` says)."""
+        cols = [self.question_column, self.reference_column, self.answer_column, self.prompt_column, "tools",
+                "chat_template_kwargs"]
+        return list(dict.fromkeys(c for c in cols if c))
 
     # -- collation ----------------------------------------------------------------------------------------------------
 
@@ -173,28 +279,40 @@ class HintedDataCollator:
             [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels)]
         )
 
+    def plain_prompt_ids(self, example: dict) -> list[int]:
+        """The plain prompt of one example, rendered exactly as SFTTrainer renders its training prompt."""
+        prompt = example.get(self.prompt_column) if self.prompt_column else None
+        if prompt in (None, "", []):
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            prompt = system + [{"role": "user", "content": str(example[self.question_column])}]
+        return render_prompt_ids(self.tokenizer, example, prompt, self.chat_template)
+
     def __call__(self, examples: list[dict]) -> dict:
+        if self.attached_to is None:
+            raise RuntimeError(
+                "HintedDataCollator re-aligns batches only inside trl_onpolicy.IDFTTrainer (or OnlineSFTTrainer); this "
+                "trainer would train on the references: use IDFTTrainer(..., data_collator=HintedDataCollator(...))."
+            )
         missing = [c for c in ("input_ids", self.question_column, self.reference_column) if c not in examples[0]]
         if missing:
             raise ValueError(
                 f"HintedDataCollator: the examples have no {missing} (they have {sorted(examples[0])}). Use a "
-                "prompt-completion dataset with question and reference columns (set question_column/reference_column), "
-                "tokenized by SFTTrainer; OnlineHintedMixin keeps these columns when remove_unused_columns=True."
+                "dataset with question and reference columns (set question_column/reference_column)."
             )
         input_ids = [list(ex["input_ids"]) for ex in examples]
         labels = [list(ex.get("labels", ex["input_ids"])) for ex in examples]
         batch = self._pad(input_ids, labels)
+
+        def gold(ex):
+            if self.answer_column and ex.get(self.answer_column) is not None:
+                return str(ex[self.answer_column])
+            return str(ex[self.reference_column])  # as `trl-onpolicy realign`: the checker extracts the final answer
+
         batch[HINTED_KEY] = HintedBatch(
-            plain_prompt_ids=[
-                prompt_ids(self.tokenizer, plain_prompt(ex, prompt_column=self.prompt_column,
-                                                        question_column=self.question_column,
-                                                        system_prompt=self.system_prompt))
-                for ex in examples
-            ],
+            plain_prompt_ids=[self.plain_prompt_ids(ex) for ex in examples],
             questions=[str(ex[self.question_column]) for ex in examples],
             references=[str(ex[self.reference_column]) for ex in examples],
-            answers=[None if not self.answer_column or ex.get(self.answer_column) is None else str(ex[self.answer_column])
-                     for ex in examples],
+            answers=[gold(ex) for ex in examples],
             reference_input_ids=input_ids,
             reference_labels=labels,
         )
@@ -265,100 +383,34 @@ class HintedDataCollator:
         return new_batches, stats
 
 
-class OnlineHintedMixin:
-    """Trainer mixin for online Hinted Decoding (put it before the trainer class: ``class T(OnlineHintedMixin,
-    SFTTrainer)``). Uses ``data_collator`` if it is a `HintedDataCollator`, else builds a default one from
-    ``processing_class``; ``hinted_collator_kwargs`` are passed to that default."""
-
-    def __init__(self, *args, data_collator=None, hinted_collator_kwargs: dict | None = None, **kwargs):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None:
-            if getattr(training_args, "padding_free", False) or getattr(training_args, "packing", False):
-                raise ValueError(
-                    "Online Hinted Decoding rebuilds each batch with its own collator, which SFTTrainer does not allow "
-                    "with padding_free or packing. Set padding_free=False and packing=False."
-                )
-        if data_collator is not None and not isinstance(data_collator, HintedDataCollator):
-            raise TypeError(
-                f"{type(self).__name__} needs a HintedDataCollator (or none, for a default one), got "
-                f"{type(data_collator).__name__}."
-            )
-        if data_collator is not None and hinted_collator_kwargs:
-            raise ValueError("Pass either data_collator or hinted_collator_kwargs, not both.")
-        self._hinted_collator_kwargs = hinted_collator_kwargs or {}
-        self._pending_hinted_collator = data_collator
-        # SFTTrainer needs a collator at construction only to skip its own; give it ours when we have it
-        super().__init__(*args, data_collator=data_collator, **kwargs)
-        collator = self._pending_hinted_collator
-        if collator is None:
-            if self.processing_class is None:
-                raise ValueError("Pass processing_class (the tokenizer) or a HintedDataCollator.")
-            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-            collator = HintedDataCollator(tokenizer, **self._hinted_collator_kwargs)
-        if collator.max_length is None:
-            collator.max_length = self.args.max_length
-        if collator.completion_only_loss is None:
-            collator.completion_only_loss = getattr(self, "completion_only_loss", True)
-        self.data_collator = collator
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        c = self.data_collator if isinstance(self.data_collator, HintedDataCollator) else self._pending_hinted_collator
-        extra = [c.question_column, c.reference_column, c.answer_column, c.prompt_column] if c is not None else [
-            "question", "solution", "answer", "prompt"]
-        self._signature_columns = list(dict.fromkeys(list(self._signature_columns) + [x for x in extra if x]))
-
-    def _prepare_inputs(self, inputs):
-        if isinstance(inputs, dict):
-            inputs.pop(HINTED_KEY, None)  # evaluation batches keep the references
-        return super()._prepare_inputs(inputs)
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
-        if batch_samples and HINTED_KEY in batch_samples[0]:
-            batch_samples = self._realign_window(batch_samples)
-        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
-
-    def _realign_window(self, batch_samples: list[dict]) -> list[dict]:
-        from trl.models import unwrap_model_for_generation
-
-        seed = None
-        if self.args.seed is not None:
-            rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            # one seed stream per (optimizer step, rank): reproducible, and continued correctly after a resume
-            seed = (int(self.args.seed) * 1_000_003 + (self.state.global_step * world + rank) * 100_003) % (2**62)
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-        ) as unwrapped:
-            new_batches, stats = self.data_collator.realign(unwrapped, batch_samples, seed=seed)
-        keys = ("num_samples", "accepted", "lambda_sum", "response_tokens", "phi_sum", "phi_tokens")
-        local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        total = dict(zip(keys, self.accelerator.gather(local[None]).sum(0).tolist()))
-        metrics = self._metrics["train"]
-        n = max(total["num_samples"], 1.0)
-        metrics["hinted/acceptance_rate"].append(total["accepted"] / n)
-        metrics["hinted/mean_lambda"].append(total["lambda_sum"] / n)
-        metrics["hinted/response_tokens"].append(total["response_tokens"] / n)
-        if total["phi_tokens"] > 0:
-            metrics["hinted/mean_phi"].append(total["phi_sum"] / total["phi_tokens"])
-        return new_batches
-
-
 class OnlineSFTTrainer(OnlineHintedMixin, SFTTrainer):
-    """`trl.SFTTrainer` trained on responses re-aligned online with the current weights (see the module doc)."""
+    """`trl.SFTTrainer` (plain NLL) trained on responses re-aligned online with the current weights. Takes every
+    SFTTrainer argument plus ``hinted_collator_kwargs`` (settings of the default collator built when
+    ``data_collator`` is None)."""
 
     _tag_names = ["trl", "sft", "hinted-decoding", "trl-onpolicy"]
 
+    def __init__(self, model, args=None, data_collator=None, *pos_args, hinted_collator_kwargs: dict | None = None,
+                 **kwargs):
+        collator = self._hinted_before_init(args, data_collator, hinted_collator_kwargs, required=True)
+        super().__init__(model, args, collator, *pos_args, **kwargs)
+        self._hinted_after_init(collator, hinted_collator_kwargs, required=True)
 
-class OnlineIDFTTrainer(OnlineHintedMixin, IDFTTrainer):
-    """`IDFTTrainer` trained on responses re-aligned online with the current weights (see the module doc)."""
 
-    _tag_names = ["trl", "sft", "idft", "hinted-decoding", "trl-onpolicy"]
+class OnlineIDFTTrainer(IDFTTrainer):
+    """`IDFTTrainer` that always trains online: without a ``data_collator`` it builds a `HintedDataCollator` from
+    ``processing_class`` and ``hinted_collator_kwargs``. Kept for existing code:
+    ``IDFTTrainer(..., data_collator=HintedDataCollator(tokenizer, **settings))`` is the same run."""
+
+    _tag_names = ["trl", "sft", "trl-onpolicy", "hinted-decoding"]
+
+    def __init__(self, model, args=None, data_collator=None, *pos_args, hinted_collator_kwargs: dict | None = None,
+                 **kwargs):
+        self._hinted_before_init(args, data_collator, hinted_collator_kwargs, required=True)
+        super().__init__(model, args, data_collator, *pos_args, **kwargs)
+        if self._hinted_collator is None:
+            self._hinted_after_init(None, hinted_collator_kwargs, required=True)
 
 
-__all__ = ["OnlineHintedArguments", "HintedDataCollator", "HintedBatch", "OnlineHintedMixin", "OnlineSFTTrainer", "OnlineIDFTTrainer"]
+__all__ = ["HintedSettings", "OnlineHintedArguments", "HintedDataCollator", "HintedBatch", "OnlineHintedMixin",
+           "OnlineSFTTrainer", "OnlineIDFTTrainer", "render_prompt_ids"]

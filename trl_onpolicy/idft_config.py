@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+import transformers
+from packaging.version import Version
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .losses import EAFT_ENTROPY_MODES, IDFT_DETACH_MODES, TOKEN_LOSS_TYPES
@@ -41,7 +45,8 @@ class IDFTConfig(SFTConfig):
         > Token loss
 
         token_loss (`str`, *optional*, defaults to `"idft"`):
-            Token loss to train with. Every choice is a weighted NLL `-w_t * log p_t` with a detached weight:
+            Token loss to train with (left unset, it is `"dft"` when TRL's `loss_type="dft"` is set, else `"idft"`).
+            Every choice is a weighted NLL `-w_t * log p_t` with a detached weight:
 
             - `"idft"`: In-Distribution Finetuning, `w = p ** gamma`, `gamma = clamp(exp(-phi / beta), gamma_min,
               gamma_max)`, `phi = log p + H` (https://huggingface.co/papers/2602.12222).
@@ -82,14 +87,19 @@ class IDFTConfig(SFTConfig):
     > accelerator is used, and to `False` (float32) with `use_cpu=True` or on a machine without one, where SFTConfig's
     > default fails. An explicit `bf16`/`fp16` behaves as in SFTConfig.
 
-    Combinations the trainer cannot honour raise a `ValueError` naming the field: TRL's own `loss_type` other than
-    `"nll"` (choose the loss with `token_loss`), `label_smoothing_factor > 0`, and sequence or context parallelism
-    in `parallelism_config`.
+    TRL's `loss_type` is honoured: `"nll"` (default) leaves the choice to `token_loss`, `"dft"` means
+    `token_loss="dft"` (so `SFTConfig(loss_type="dft")` swaps in unchanged). Combinations the trainer cannot honour
+    raise a `ValueError` naming the field: `loss_type="dft"` with another `token_loss`, `label_smoothing_factor > 0`,
+    and sequence or context parallelism in `parallelism_config`.
     """
 
-    token_loss: str = field(
-        default="idft",
-        metadata={"help": "Token loss: 'idft' (default), 'dft', 'eaft' or 'nll' (plain SFT).", "choices": list(TOKEN_LOSS_TYPES)},
+    token_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "Token loss: 'idft' (default), 'dft', 'eaft' or 'nll' (plain SFT). Unset with TRL's "
+            "loss_type='dft' it is 'dft'.",
+            "choices": list(TOKEN_LOSS_TYPES),
+        },
     )
     idft_beta: float = field(default=1.0, metadata={"help": "IDFT beta in gamma = clamp(exp(-phi/beta), ...); > 0."})
     idft_gamma_min: float = field(default=0.1, metadata={"help": "Lower clamp of IDFT's gamma (>= 0)."})
@@ -120,6 +130,16 @@ class IDFTConfig(SFTConfig):
         def bad(field_name, value, why):
             raise ValueError(f"IDFTConfig.{field_name}={value!r} is invalid: {why}")
 
+        # TRL's loss_type="dft" is our token_loss="dft"; deprecated "chunked_nll" is "nll" (SFTConfig maps it)
+        if self.loss_type == "dft":
+            if self.token_loss not in (None, "dft"):
+                bad("token_loss", self.token_loss, "it contradicts loss_type='dft' (DFT); drop one of the two.")
+            self.token_loss = "dft"
+        elif self.loss_type not in ("nll", "chunked_nll"):
+            bad("loss_type", self.loss_type, "TRL's loss_type is 'nll' or 'dft'; choose other losses with token_loss.")
+        if self.token_loss is None:
+            self.token_loss = "idft"
+
         if self.token_loss not in TOKEN_LOSS_TYPES:
             bad("token_loss", self.token_loss, f"choose one of {list(TOKEN_LOSS_TYPES)}.")
         if self.idft_detach not in IDFT_DETACH_MODES:
@@ -144,13 +164,6 @@ class IDFTConfig(SFTConfig):
                 self.idft_transition_ratio,
                 f"idft_warmup_ratio + idft_transition_ratio = {self.idft_warmup_ratio + self.idft_transition_ratio} > 1.",
             )
-        if self.loss_type not in ("nll", "chunked_nll"):
-            bad(
-                "loss_type",
-                self.loss_type,
-                "IDFTConfig chooses the loss with `token_loss`; leave TRL's `loss_type` at 'nll' "
-                "(for DFT set token_loss='dft').",
-            )
         pc = self.parallelism_config
         if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
             bad(
@@ -161,3 +174,30 @@ class IDFTConfig(SFTConfig):
             )
         if self.label_smoothing_factor:
             bad("label_smoothing_factor", self.label_smoothing_factor, "label smoothing is not part of the token-loss family; set it to 0.")
+
+
+def to_idft_config(args) -> IDFTConfig:
+    """``args`` as an `IDFTConfig`: returned as is when it is one; a `transformers.TrainingArguments` or a
+    `trl.SFTConfig` is converted the way `SFTTrainer` converts a `TrainingArguments` (every field it has carries over,
+    the token-loss fields take their defaults, ``loss_type="dft"`` becomes ``token_loss="dft"``), with a one-line
+    warning."""
+    if isinstance(args, IDFTConfig):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"args must be an IDFTConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+    dict_args = args.to_dict()
+    for key in dict_args:  # to_dict hides every *_token value (hub_token, and SFTConfig's eos_token/pad_token)
+        if key.endswith("_token"):
+            dict_args[key] = getattr(args, key)
+    if dict_args.get("parallelism_config") is not None:  # to_dict writes it as JSON
+        dict_args["parallelism_config"] = args.parallelism_config
+    if Version(transformers.__version__) < Version("5.0.0"):
+        dict_args.pop("push_to_hub_token", None)
+    config = IDFTConfig(**dict_args)
+    warnings.warn(
+        f"IDFTTrainer converted the {type(args).__name__} to an IDFTConfig with token_loss={config.token_loss!r} and "
+        "default IDFT fields; pass an IDFTConfig to set them.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return config

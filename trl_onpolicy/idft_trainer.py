@@ -9,6 +9,7 @@ PEFT, assistant/completion-only loss, DDP, DeepSpeed, FSDP) keeps working.
 from __future__ import annotations
 
 import contextlib
+import textwrap
 import warnings
 
 import torch
@@ -16,12 +17,138 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .idft_config import IDFTConfig
+from .idft_config import IDFTConfig, to_idft_config
 from .losses import idft_schedule, token_loss
 from .ops import capture_hidden_states, lm_head_transform, token_statistics
 
 
-class IDFTTrainer(SFTTrainer):
+HINTED_KEY = "hinted"  # where a HintedDataCollator puts the raw fields of its batch
+
+
+def is_hinted_collator(collator) -> bool:
+    """Whether ``collator`` is a `trl_onpolicy.HintedDataCollator` (checked without importing Hinted Decoding)."""
+    return bool(getattr(type(collator), "realigns_online", False))
+
+
+class OnlineHintedMixin:
+    """Online re-alignment (`trl_onpolicy.hinted_online`) for a trainer: a base of `IDFTTrainer`, and of
+    ``class T(OnlineHintedMixin, SFTTrainer)`` for others. Active when the trainer's ``data_collator`` is a
+    `HintedDataCollator`; otherwise it changes nothing.
+
+    Subclasses call `_hinted_before_init` before ``SFTTrainer.__init__`` (checks, tags) and `_hinted_after_init` after
+    it (fills the collator's trainer-dependent settings and attaches it)."""
+
+    _hinted_collator = None  # the HintedDataCollator when training online
+
+    def _hinted_before_init(self, args, data_collator, hinted_collator_kwargs=None, required: bool = False):
+        """Validate an online setup before any work; returns the `HintedDataCollator` passed, or None."""
+        if data_collator is not None and not is_hinted_collator(data_collator):
+            if required:
+                raise TypeError(f"{type(self).__name__} needs a HintedDataCollator (or none, for a default one), got "
+                                f"{type(data_collator).__name__}.")
+            return None
+        if data_collator is not None and hinted_collator_kwargs:
+            raise ValueError("Pass either data_collator or hinted_collator_kwargs, not both.")
+        online = required or data_collator is not None
+        if not online:
+            return None
+        if hinted_collator_kwargs:
+            from .hinted_online import HintedSettings
+
+            HintedSettings(**hinted_collator_kwargs)  # bad settings fail before the model and data are prepared
+        if args is not None:
+            for name in ("padding_free", "packing"):
+                if getattr(args, name, False):
+                    raise ValueError(
+                        f"{type(args).__name__}.{name}=True is invalid with a HintedDataCollator: online Hinted "
+                        "Decoding rebuilds each batch from whole samples; set padding_free=False and packing=False."
+                    )
+        self._tag_names = list(dict.fromkeys([*self._tag_names, "hinted-decoding"]))
+        return data_collator
+
+    def _hinted_after_init(self, collator=None, hinted_collator_kwargs=None, required=False):
+        if collator is None:
+            if not required:
+                return
+            if self.processing_class is None:
+                raise ValueError("Pass processing_class (the tokenizer) or a HintedDataCollator.")
+            from .hinted_online import HintedDataCollator
+
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            collator = HintedDataCollator(tokenizer, **(hinted_collator_kwargs or {}))
+        if collator.max_length is None:
+            collator.max_length = self.args.max_length
+        if collator.completion_only_loss is None:
+            collator.completion_only_loss = getattr(self, "completion_only_loss", True)
+        if collator.chat_template is None:
+            collator.chat_template = getattr(self, "chat_template", None)  # SFTTrainer's training template, if any
+        collator.attach(type(self).__name__)
+        self._hinted_collator = collator
+        self.data_collator = collator
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._hinted_collator is not None:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self._hinted_collator.columns]))
+
+    def _prepare_inputs(self, inputs):
+        if isinstance(inputs, dict):
+            inputs.pop(HINTED_KEY, None)  # evaluation batches keep the references
+        return super()._prepare_inputs(inputs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self._hinted_collator is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if batch_samples and HINTED_KEY in batch_samples[0]:
+            batch_samples = self._realign_window(batch_samples)
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _realign_window(self, batch_samples: list[dict]) -> list[dict]:
+        from trl.models import unwrap_model_for_generation
+
+        seed = None
+        if self.args.seed is not None:
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            # one seed stream per (optimizer step, rank): reproducible, and continued correctly after a resume
+            seed = (int(self.args.seed) * 1_000_003 + (self.state.global_step * world + rank) * 100_003) % (2**62)
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as unwrapped:
+            new_batches, stats = self._hinted_collator.realign(unwrapped, batch_samples, seed=seed)
+        keys = ("num_samples", "accepted", "lambda_sum", "response_tokens", "phi_sum", "phi_tokens")
+        local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        total = dict(zip(keys, self.accelerator.gather(local[None]).sum(0).tolist()))
+        metrics = self._metrics["train"]
+        n = max(total["num_samples"], 1.0)
+        metrics["hinted/acceptance_rate"].append(total["accepted"] / n)
+        metrics["hinted/mean_lambda"].append(total["lambda_sum"] / n)
+        metrics["hinted/response_tokens"].append(total["response_tokens"] / n)
+        if total["phi_tokens"] > 0:
+            metrics["hinted/mean_phi"].append(total["phi_sum"] / total["phi_tokens"])
+        return new_batches
+
+
+PAPER = {
+    "title": "Towards On-Policy SFT: Distribution Discriminant Theory and its Applications in LLM Training",
+    "id": "2602.12222",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @article{zhang2026onpolicysft,
+            title        = {{Towards On-Policy SFT: Distribution Discriminant Theory and its Applications in LLM Training}},
+            author       = {Zhang and others},
+            year         = 2026,
+            journal      = {arXiv preprint arXiv:2602.12222},
+        }"""),
+}
+
+
+class IDFTTrainer(OnlineHintedMixin, SFTTrainer):
     """Drop-in replacement for `trl.SFTTrainer` that trains with the token loss chosen by `IDFTConfig.token_loss`.
 
     Example:
@@ -33,28 +160,58 @@ class IDFTTrainer(SFTTrainer):
     trainer.train()
     ```
 
+    It takes every `SFTTrainer` argument, in the same order. ``args`` may also be a `transformers.TrainingArguments`
+    or a `trl.SFTConfig`: it is converted to `IDFTConfig` (our fields at their defaults, ``loss_type="dft"`` meaning
+    ``token_loss="dft"``) with a warning, as SFTTrainer converts a `TrainingArguments`. ``compute_loss_func`` is
+    refused (the trainer computes its own loss).
+
+    With ``data_collator=HintedDataCollator(tokenizer, ...)`` it trains online on-policy: every batch is re-aligned
+    with Hinted Decoding by the weights of the step that trains on it (`trl_onpolicy.hinted_online`).
+
     Besides SFTTrainer's `entropy` and `mean_token_accuracy` it logs `phi_mean`, `phi_std`, `phi_below_-1` (share of
     tokens with phi < -1), and for IDFT `gamma_mean` and `idft_lambda`, and `weight_mean` (mean token weight).
     """
 
-    _tag_names = ["trl", "sft", "idft", "trl-onpolicy"]
+    _tag_names = ["trl", "sft", "trl-onpolicy"]  # plus the token loss ("idft", "dft", ...) and "hinted-decoding" online
     _name = "IDFT"
+    _paper = PAPER
 
-    def __init__(self, model, args: IDFTConfig | None = None, *pos_args, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: IDFTConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+    ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model") or "model"
             args = IDFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-IDFT")
-        elif isinstance(args, TrainingArguments) and not isinstance(args, IDFTConfig):
-            raise TypeError(
-                f"IDFTTrainer needs an IDFTConfig, got {type(args).__name__}. Replace SFTConfig(...) with "
-                "trl_onpolicy.IDFTConfig(...): it accepts every SFTConfig field."
-            )
-        if kwargs.get("compute_loss_func") is not None:
+        else:
+            args = to_idft_config(args)
+        if compute_loss_func is not None:
             raise ValueError(
                 "IDFTTrainer computes its own token loss (IDFTConfig.token_loss); `compute_loss_func` cannot be "
                 "combined with it. Drop `compute_loss_func`, or subclass IDFTTrainer and override `compute_loss`."
             )
-        super().__init__(model, args, *pos_args, **kwargs)
+        self._tag_names = list(dict.fromkeys([*type(self)._tag_names, args.token_loss]))
+        hinted = self._hinted_before_init(args, data_collator)
+        super().__init__(
+            model, args, data_collator, train_dataset, eval_dataset, processing_class, None, compute_metrics, callbacks,
+            optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config, peft_config,
+            formatting_func,
+        )
+        self._hinted_after_init(hinted)
         pc = self.accelerator.parallelism_config
         if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
             raise ValueError(

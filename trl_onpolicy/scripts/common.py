@@ -55,15 +55,18 @@ class RunArguments:
     )
 
 
-def make_parser(config_cls, prog: str):
-    """`TrlParser` over (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments).
+def make_parser(config_cls, prog: str, extra: tuple = ()):
+    """`TrlParser` over (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments, *extra).
 
-    Abbreviated flags are refused (``--learning_rat`` must not silently mean ``--learning_rate``).
+    Abbreviated flags are refused (``--learning_rat`` must not silently mean ``--learning_rate``). ``extra``
+    dataclasses (e.g. `trl_onpolicy.hinted_online.OnlineHintedArguments`) are parsed after the others and handed to
+    the entry point's ``describe``/``build_trainer`` as extra arguments.
     """
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
     return TrlParser(
-        (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments), prog=prog, allow_abbrev=False
+        (ScriptArguments, config_cls, ModelConfig, DatasetMixtureConfig, RunArguments, *extra), prog=prog,
+        allow_abbrev=False,
     )
 
 
@@ -576,13 +579,15 @@ def run_main(body, prog: str):
         return 130
 
 
-def prepare_recipe(parser, argv, columns, prepare=None, dry_run_ok: bool = True):
+def prepare_recipe(parser, argv, columns, prepare=None, check=None):
     """Everything `run_recipe` does before building the trainer: parse the recipe, resolve the model, load the data,
     check its columns and apply the entry point's data preparation (``prepare(dataset, training_args)``, e.g.
-    `prepare_sft_dataset`). Returns a dict with ``script_args``, ``training_args``, ``model_args``, ``dataset_args``,
-    ``run_args``, ``model_path``, ``model_desc``, ``train``, ``evaluation`` and ``data_desc``. Tests call it to
+    `prepare_sft_dataset`) after ``check(training_args, train, evaluation, *extra)``, if given (it validates the
+    combination before any model is loaded). Returns a dict with ``script_args``, ``training_args``, ``model_args``,
+    ``dataset_args``, ``run_args``, ``extra`` (the parser's extra dataclasses, `make_parser`), ``model_path``,
+    ``model_desc``, ``train``, ``evaluation`` and ``data_desc``. Tests call it to
     check what a recipe trains on, exactly as the command prepares it."""
-    script_args, training_args, model_args, dataset_args, run_args = parse_recipe(parser, argv)
+    script_args, training_args, model_args, dataset_args, run_args, *extra = parse_recipe(parser, argv)
     check_required(script_args, model_args, dataset_args)
     model_path, model_desc = resolve_model(model_args.model_name_or_path, dry_run=run_args.dry_run)
     # the output must not overwrite what the run reads (the model folder, a local dataset) and must be writable
@@ -599,26 +604,30 @@ def prepare_recipe(parser, argv, columns, prepare=None, dry_run_ok: bool = True)
     for dataset, what in ((train, "training"), (evaluation, "evaluation")):
         if dataset is not None:
             check_columns(dataset, columns, what)
+    if check is not None:
+        check(training_args, train, evaluation, *extra)
     if prepare is not None:
         train, evaluation = prepare(train, training_args), prepare(evaluation, training_args)
     return dict(script_args=script_args, training_args=training_args, model_args=model_args, dataset_args=dataset_args,
-                run_args=run_args, model_path=model_path, model_desc=model_desc, train=train, evaluation=evaluation,
+                run_args=run_args, extra=extra, model_path=model_path, model_desc=model_desc, train=train, evaluation=evaluation,
                 data_desc=data_desc)
 
 
-def run_recipe(prog: str, parser, argv, columns, describe, build_trainer, prepare=None) -> int:
+def run_recipe(prog: str, parser, argv, columns, describe, build_trainer, prepare=None, check=None) -> int:
     """The body every training entry point shares: `prepare_recipe` (parse, resolve the model and the data, check the
     columns, prepare the data), then either print the dry-run plan or build the trainer, train, save and end the run.
 
-    ``describe(training_args, model_args) -> dict`` gives the trainer-specific plan lines (at least ``trainer`` and
-    ``loss``); ``build_trainer(model_path, training_args, model_args, script_args, train, evaluation)`` the trainer.
+    ``describe(training_args, model_args, *extra) -> dict`` gives the trainer-specific plan lines (at least
+    ``trainer`` and ``loss``); ``build_trainer(model_path, training_args, model_args, script_args, train, evaluation,
+    *extra)`` the trainer; ``extra`` are the parser's extra dataclasses (`make_parser`); ``check(training_args,
+    train, evaluation, *extra)``, if given, validates the combination before the dry-run plan or any training.
     """
 
     def body():
-        r = prepare_recipe(parser, argv, columns, prepare)
-        training_args, model_args, run_args = r["training_args"], r["model_args"], r["run_args"]
+        r = prepare_recipe(parser, argv, columns, prepare, check)
+        training_args, model_args, run_args, extra = r["training_args"], r["model_args"], r["run_args"], r["extra"]
         model_path, model_desc, train, evaluation = r["model_path"], r["model_desc"], r["train"], r["evaluation"]
-        plan = describe(training_args, model_args)
+        plan = describe(training_args, model_args, *extra)
         if run_args.dry_run:
             if model_path is not None:
                 model_desc += ": " + describe_model_config(model_path, model_args)
@@ -628,7 +637,7 @@ def run_recipe(prog: str, parser, argv, columns, describe, build_trainer, prepar
             )
             print_plan(prog, plan)
             return 0
-        trainer = build_trainer(model_path, training_args, model_args, r["script_args"], train, evaluation)
+        trainer = build_trainer(model_path, training_args, model_args, r["script_args"], train, evaluation, *extra)
         report_dropped_rows(trainer, train)
         trainer.accelerator.print(f"[trl-onpolicy] {plan['trainer']}: {model_desc}; data: {r['data_desc']}; loss: {plan['loss']}")
         train_and_finish(trainer, training_args, r["script_args"].dataset_name)
