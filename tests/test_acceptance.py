@@ -5,7 +5,6 @@ without one, against the reference solution's final answer. Both paths are run o
 import json
 from pathlib import Path
 
-import pytest
 from datasets import Dataset
 
 import trl_onpolicy.hinted as hinted_module
@@ -85,6 +84,7 @@ def test_offline_and_online_accept_the_same_rows(tiny_model, tmp_path, monkeypat
     monkeypatch.setattr(hinted_module, "hinted_decode", fake_hinted_decode)
     collator = HintedDataCollator(tok, checker="math_verify", on_reject="reference", compute_phi=False,
                                   completion_only_loss=True)
+    collator.attach("test")  # as IDFTTrainer does: it re-aligns the batches this collator builds
     examples = [dict(row, input_ids=prompt_ids(tok, row["prompt"]) + [tok.eos_token_id]) for row in _rows()]
     batch = collator(examples)
     assert batch[HINTED_KEY].answers == [row[0] for row in ROWS]
