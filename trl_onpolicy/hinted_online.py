@@ -303,10 +303,9 @@ class HintedDataCollator:
         labels = [list(ex.get("labels", ex["input_ids"])) for ex in examples]
         batch = self._pad(input_ids, labels)
 
-        def gold(ex):
-            if self.answer_column and ex.get(self.answer_column) is not None:
-                return str(ex[self.answer_column])
-            return str(ex[self.reference_column])  # as `trl-onpolicy realign`: the checker extracts the final answer
+        def gold(ex):  # None: `accept_response` grades against the reference solution's final answer
+            value = ex.get(self.answer_column) if self.answer_column else None
+            return None if value in (None, "") else str(value)
 
         batch[HINTED_KEY] = HintedBatch(
             plain_prompt_ids=[self.plain_prompt_ids(ex) for ex in examples],
