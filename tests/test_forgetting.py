@@ -113,3 +113,20 @@ def test_heldout_nll_refuses_rows_without_completion(tiny_model):
     model, tok = tiny_model
     with pytest.raises(ValueError, match="row 0 needs `prompt` and `completion`"):
         heldout_nll(model, tok, [{"prompt": "x"}], progress=False)
+
+
+def test_cached_base_hidden_states_give_the_same_kl(tiny_model):
+    from trl_onpolicy.forgetting import base_hidden_states
+
+    base, tok = tiny_model
+    trained = _perturbed(base, scale=0.03)
+    prompts = _prompts(5)
+    responses = sample_base_responses(base, tok, prompts, max_new_tokens=6, seed=2, batch_size=5, progress=False)
+    cache = base_hidden_states(base, tok, prompts, responses, batch_size=3, progress=False)
+    assert [h.shape[0] for h in cache] == [len(r) for r in responses]
+    plain = kl_to_base(base, trained, tok, prompts, responses, batch_size=2, progress=False)
+    cached = kl_to_base(base, trained, tok, prompts, responses, batch_size=2, base_hidden=cache, progress=False)
+    assert cached["kl"] == pytest.approx(plain["kl"], rel=1e-5)
+    assert cached["per_prompt"] == pytest.approx(plain["per_prompt"], rel=1e-5)
+    with pytest.raises(ValueError, match="base_hidden does not match"):
+        kl_to_base(base, trained, tok, prompts, responses, base_hidden=cache[:-1], progress=False)

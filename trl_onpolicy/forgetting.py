@@ -11,14 +11,15 @@
   summed over the whole vocabulary rather than estimated from the one sampled token (the single-sample log-ratio
   ``log p_base(y_t) - log p_trained(y_t)`` has the same expectation and a much larger variance). Averaged over the
   sampled responses' tokens this estimates E_{y ~ base}[ sum_t KL_t ] / E[|y|], the per-token forward KL of RL's Razor
-  (Shenfeld, Pari, Agrawal, arXiv 2509.04259), which predicts forgetting.
+  (Shenfeld, Pari, Agrawal, arXiv 2509.04259), which predicts forgetting. `base_hidden_states` caches the base
+  model's side once per study, so each trained model then costs one transformer forward.
 - `heldout_nll`: per-token negative log-likelihood of reference completions given their prompts (completion tokens
   only, tokenized the way TRL's SFTTrainer tokenizes prompt-completion rows: `trl_onpolicy.ddt.Encoder`).
 
 Intervals: the prompt is the independent unit. Each returns per-prompt values and a 95% normal interval of their
 mean (``mean +- 1.96 sd / sqrt(n)``), next to the token-weighted mean that is the headline number.
 
-Memory: the transformer bodies run once per batch; the LM heads are applied to the response positions only, in token
+Memory: each transformer body runs once per batch; the LM heads are applied to the response positions only, in token
 chunks of ``token_chunk`` rows, so at most two ``[token_chunk, vocab]`` float32 tiles (base and trained) exist at a time,
 never the ``[batch, length, vocab]`` logits.
 """
@@ -141,6 +142,47 @@ def _log_softmax_rows(model, hidden: torch.Tensor) -> torch.Tensor:
     return z.log_softmax(-1)
 
 
+def _response_batches(tokenizer, prompts, responses, batch_size):
+    """Prompt+response sequences, their response masks, and batches of indices (longest first)."""
+    encoded = _encode_prompts(tokenizer, prompts)
+    if any(not p for p in encoded):
+        raise ValueError("An empty prompt has no context for its first response token; give non-empty prompts.")
+    sequences = [p + list(r) for p, r in zip(encoded, responses)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(encoded, responses)]
+    return sequences, masks, _batches([len(s) for s in sequences], batch_size)
+
+
+def _hidden_at_responses(model, sequences, masks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states at the positions that predict response tokens ([n_tokens, H], rows in (sequence,
+    position) order) and the sequence index of each row."""
+    ids, attn, pred = _padded(sequences, masks, next(model.parameters()).device)
+    h = backbone(model)(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    return h[pred], pred.nonzero()[:, 0].cpu()
+
+
+@torch.no_grad()
+def base_hidden_states(base_model, tokenizer, prompts: Sequence, responses: Sequence[Sequence[int]],
+                       batch_size: int = 8, *, progress: bool = True) -> list[torch.Tensor]:
+    """The base model's final hidden states at the response positions, one ``[len(response), H]`` tensor per prompt
+    (on the CPU). A study computes them once and passes them to every `kl_to_base` call as ``base_hidden``: the KL
+    then needs one transformer forward (the trained model's) instead of two. Small: H floats per response token."""
+    from tqdm.auto import tqdm
+
+    sequences, masks, batches = _response_batches(tokenizer, prompts, responses, batch_size)
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    was_training = base_model.training
+    base_model.eval()
+    try:
+        for batch in tqdm(batches, desc="base hidden states", unit="batch", disable=not progress, dynamic_ncols=True):
+            h, row_of = _hidden_at_responses(base_model, [sequences[i] for i in batch], [masks[i] for i in batch])
+            h = h.float().cpu()
+            for r, i in enumerate(batch):
+                out[i] = h[row_of == r].clone()
+    finally:
+        base_model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def kl_to_base(
     base_model,
@@ -150,15 +192,18 @@ def kl_to_base(
     responses: Sequence[Sequence[int]],
     batch_size: int = 8,
     *,
+    base_hidden: Sequence[torch.Tensor] | None = None,
     token_chunk: int = 256,
     progress: bool = True,
 ) -> dict:
     """Forward KL(base || model) per response token, exact over the vocabulary at each position (module docstring).
 
     ``responses`` are token ids sampled from ``base_model`` for ``prompts`` (`sample_base_responses`); the prompts are
-    rendered and tokenized the same way. Returns ``kl`` (mean over all response tokens), ``kl_prompt_mean`` (mean of
-    per-prompt means), ``ci_low``/``ci_high`` (95% interval of the per-prompt means), ``per_prompt`` (None for an empty
-    response), ``num_prompts`` and ``num_tokens``. Both models must share the tokenizer and vocabulary.
+    rendered and tokenized the same way. ``base_hidden`` (optional): `base_hidden_states` of the same prompts and
+    responses, which saves the base model's transformer forward (its LM head is still applied). Returns ``kl`` (mean
+    over all response tokens), ``kl_prompt_mean`` (mean of per-prompt means), ``ci_low``/``ci_high`` (95% interval of
+    the per-prompt means), ``per_prompt`` (None for an empty response), ``num_prompts`` and ``num_tokens``. Both models
+    must share the tokenizer and vocabulary.
     """
     from tqdm.auto import tqdm
 
@@ -171,30 +216,30 @@ def kl_to_base(
     if v_base != v_model:
         raise ValueError(f"kl_to_base: the base model has {v_base} output tokens and the trained model {v_model}; "
                          "the KL needs models with the same vocabulary.")
-    encoded = _encode_prompts(tokenizer, prompts)
-    sequences = [p + list(r) for p, r in zip(encoded, responses)]
-    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(encoded, responses)]
+    if base_hidden is not None and (len(base_hidden) != len(responses)
+                                    or any(h.shape[0] != len(r) for h, r in zip(base_hidden, responses))):
+        raise ValueError("kl_to_base: base_hidden does not match the responses (one [len(response), H] tensor per "
+                         "prompt); compute it with base_hidden_states on the same prompts and responses.")
+    sequences, masks, batches = _response_batches(tokenizer, prompts, responses, batch_size)
     sums, counts = [0.0] * len(prompts), [len(r) for r in responses]
-    devices = (next(base_model.parameters()).device, next(model.parameters()).device)
+    base_device = next(base_model.parameters()).device
     states = (base_model.training, model.training)
     base_model.eval()
     model.eval()
     try:
-        for batch in tqdm(_batches([len(s) for s in sequences], batch_size), desc="KL to base", unit="batch",
-                          disable=not progress, dynamic_ncols=True):
+        for batch in tqdm(batches, desc="KL to base", unit="batch", disable=not progress, dynamic_ncols=True):
             if not any(counts[i] for i in batch):
                 continue
             seqs, msks = [sequences[i] for i in batch], [masks[i] for i in batch]
-            hidden = []
-            for m, device in zip((base_model, model), devices):
-                ids, attn, pred = _padded(seqs, msks, device)
-                h = backbone(m)(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-                hidden.append(h[pred])  # [n_tokens, H], rows in (sequence, position) order
-            row_of = pred.nonzero()[:, 0].cpu()
-            kl = torch.empty(hidden[0].shape[0], dtype=torch.float64)
+            h_model, row_of = _hidden_at_responses(model, seqs, msks)
+            if base_hidden is None:
+                h_base, _ = _hidden_at_responses(base_model, seqs, msks)
+            else:
+                h_base = torch.cat([base_hidden[i] for i in batch]).to(base_device)
+            kl = torch.empty(h_model.shape[0], dtype=torch.float64)
             for t0 in range(0, kl.shape[0], token_chunk):
-                lp_base = _log_softmax_rows(base_model, hidden[0][t0 : t0 + token_chunk])
-                lp_model = _log_softmax_rows(model, hidden[1][t0 : t0 + token_chunk]).to(lp_base.device)
+                lp_base = _log_softmax_rows(base_model, h_base[t0 : t0 + token_chunk])
+                lp_model = _log_softmax_rows(model, h_model[t0 : t0 + token_chunk]).to(lp_base.device)
                 kl[t0 : t0 + token_chunk] = (lp_base.exp() * (lp_base - lp_model)).sum(-1).double().cpu()
             per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of, kl)
             for r, i in enumerate(batch):
