@@ -37,7 +37,9 @@ def test_two_sdft_steps_train_the_student_and_show_the_teacher_the_solution(tiny
             "seed": 0}
     trainer = build_sdft_trainer(model, tok, rows, args, tmp_path / "sdft", callbacks=[record])
     assert trainer.args.num_generations == 1 and trainer.args.teacher_model_kind == "base"
-    assert trainer.args.remove_unused_columns is False and trainer.args.bf16 is False  # CPU machine
+    assert trainer.args.remove_unused_columns is False
+    if not torch.cuda.is_available():
+        assert trainer.args.bf16 is False  # TRL's bf16 default would refuse to start on a CPU-only machine
     trainer.train()
 
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, start[k])]

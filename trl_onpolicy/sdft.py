@@ -35,6 +35,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -101,13 +102,11 @@ def sdft_config(output_dir: str | os.PathLike, args: dict | None = None):
             f"(per_device_train_batch_size x gradient_accumulation_steps = {per_step})."
         )
 
-    class _Probe:  # resolve bf16 the way IDFTConfig does, before SDFTConfig's own __post_init__ sees it
-        bf16 = values.get("bf16")
-        fp16 = bool(values.get("fp16", False))
-        use_cpu = bool(values.get("use_cpu", False))
-
-    default_bf16_for_machine(_Probe)
-    values["bf16"] = _Probe.bf16
+    # bf16 resolved the way IDFTConfig resolves it, before SDFTConfig's own __post_init__ sees it
+    probe = SimpleNamespace(bf16=values.get("bf16"), fp16=bool(values.get("fp16", False)),
+                            use_cpu=bool(values.get("use_cpu", False)))
+    default_bf16_for_machine(probe)
+    values["bf16"] = probe.bf16
     return SDFTConfig(output_dir=str(output_dir), **values)
 
 
