@@ -217,6 +217,20 @@ def test_resume_after_a_half_finished_sweep(tmp_path, tiny_model_dir, run_calls,
     assert all(u["status"] == "ok" for u in _units(tmp_path).values())
 
 
+def test_two_shards_share_one_sweep(tmp_path, tiny_model_dir, run_calls):
+    extra = {"sweep": {"learning_rates": [1e-3, 1e-2]}, "metrics": {**METRICS, "kl": False, "nll": False}}
+    path = _recipe(tmp_path, tiny_model_dir, ["base", "sft"], **extra)
+    assert compare.main(["--config", str(path), "--shard", "1/2"]) == 0
+    assert run_calls == ["sft/lr=1e-3/seed=0"] and list(_units(tmp_path)) == ["sft/lr=1e-3/seed=0"]
+    assert compare.main(["--config", str(path), "--shard", "0/2"]) == 0
+    assert run_calls == ["sft/lr=1e-3/seed=0", "base", "sft/lr=1e-2/seed=0"]
+    # the last shard's report holds every unit; an unsharded re-run has nothing left to do
+    assert set(_units(tmp_path)) == {"base", "sft/lr=1e-3/seed=0", "sft/lr=1e-2/seed=0"}
+    assert compare.main(["--config", str(path)]) == 0 and len(run_calls) == 3
+    with pytest.raises(ValueError, match="shard='2/2' is invalid"):
+        compare.main(["--config", str(path), "--shard", "2/2"])
+
+
 def test_stale_units_are_recomputed(tmp_path, tiny_model_dir, run_calls, capsys):
     import shutil
 
@@ -407,3 +421,38 @@ def test_token_counter_counts_each_sequence_once():
     assert counter["tokens"] == 5 + 3 + 4
     trainer.training_step(None, {"input_ids": torch.zeros(1, 6)})  # no mask: every position
     assert counter["tokens"] == 18
+
+
+def test_token_counter_counts_rollout_batches_built_from_raw_rows():
+    # SDFT-like trainers receive raw rows in training_step and build the batch (student rollouts) in _prepare_inputs,
+    # which a plain Trainer also calls on ready batches: each batch must be counted exactly once
+    class RolloutTrainer:
+        def _prepare_inputs(self, inputs):
+            if isinstance(inputs, dict):
+                return inputs
+            return {"prompt_mask": torch.ones(len(inputs), 3), "completion_mask": torch.tensor([[1, 1, 0]] * len(inputs)),
+                    "teacher_attention_mask": torch.ones(len(inputs), 9)}
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self._prepare_inputs(inputs)
+            return 0.0
+
+        def add_callback(self, cb):
+            pass
+
+    trainer = RolloutTrainer()
+    counter = compare._token_counter_callback(trainer, max_tokens=None)
+    trainer.training_step(None, [{"prompt": "a"}, {"prompt": "b"}])
+    assert counter["tokens"] == 2 * (3 + 2)  # student prompt + completion, not the teacher's context
+    trainer.training_step(None, {"attention_mask": torch.ones(1, 4)})  # a ready batch through both methods: once
+    assert counter["tokens"] == 14
+
+
+def test_sdft_is_a_method(tmp_path, tiny_model_dir):
+    pytest.importorskip("trl_onpolicy.sdft")
+    path = _recipe(tmp_path, tiny_model_dir, ["sdft"], sdft={"max_completion_length": 8},
+                   metrics={**METRICS, "kl": False, "nll": False})
+    assert compare.main(["--config", str(path)]) == 0
+    result = json.loads(_unit_file(tmp_path / "out", "sdft/lr=1e-5/seed=0").read_text())
+    assert result["status"] == "ok" and result["steps"] == 2 and result["tokens_trained"] > 0
+    assert result["corpus"] == "reference" and result["settings"]["sdft"] == {"max_completion_length": 8}

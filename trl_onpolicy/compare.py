@@ -19,6 +19,8 @@
 - ``metrics``: forgetting and learning signals next to accuracy (`MetricsSpec`): KL(base || trained) on held-out
   in-domain prompts and on general prompts, and the held-out NLL of reference solutions;
 - ``num_threads``: torch CPU threads (on a shared CPU, 1 can be many times faster than the default);
+- ``shard``: ``"i/n"`` runs every n-th unit starting at i, so n processes can share the sweep (``--shard 0/2`` and
+  ``--shard 1/2`` on two cores); any process's final report includes the other shards' finished units;
 - ``pairs`` (DPO/SimPO, `trl_onpolicy.preferences.PairConfig` fields), ``hinted`` (`trl_onpolicy.realign.RealignConfig`
   fields for the Hinted-Decoding corpus), ``online`` (`trl_onpolicy.hinted_online.HintedDataCollator` keyword
   arguments: decoding settings of online IDFT), ``sdft`` (settings of `trl_onpolicy.sdft.train_sdft`).
@@ -305,11 +307,26 @@ class CompareConfig:
     rerun_failed: bool = True
     title: str | None = None
     num_threads: int | None = None
+    shard: str | None = None
 
     # parsed forms
     eval_sets: list = field(default_factory=list, repr=False)
     eval_config: EvalConfig = field(default_factory=EvalConfig, repr=False)
     method_specs: list = field(default_factory=list, repr=False)
+
+    @property
+    def shard_index(self) -> tuple[int, int]:
+        """``(i, n)`` of ``shard: "i/n"``: this process runs units i, i + n, i + 2n, ... (0-based) of the sweep, so n
+        processes (one per core, ``num_threads: 1``) share one output folder; ``(0, 1)`` without sharding."""
+        if not self.shard:
+            return 0, 1
+        try:
+            i, n = (int(x) for x in str(self.shard).split("/"))
+        except ValueError:
+            raise invalid(None, "shard", self.shard, "expected 'i/n' with 0 <= i < n, e.g. '0/2'") from None
+        if not 0 <= i < n:
+            raise invalid(None, "shard", self.shard, "expected 'i/n' with 0 <= i < n, e.g. '0/2'")
+        return i, n
 
     def seeds_of(self, spec: MethodSpec) -> list[int]:
         return spec.seeds or self.sweep.seeds or [self.budget.seed]
@@ -334,7 +351,7 @@ def _strict(cls, values: Any, where: str):
 
 
 TOP_KEYS = ("model_name_or_path", "output_dir", "methods", "data", "budget", "sweep", "metrics", "eval", "pairs",
-            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "title", "num_threads", "env")
+            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "title", "num_threads", "shard", "env")
 
 
 def parse_config(raw: dict) -> CompareConfig:
@@ -381,7 +398,9 @@ def parse_config(raw: dict) -> CompareConfig:
         rerun_failed=bool(raw.get("rerun_failed", True)),
         title=raw.get("title"),
         num_threads=raw.get("num_threads"),
+        shard=None if raw.get("shard") is None else str(raw["shard"]),
     )
+    cfg.shard_index  # noqa: B018 - checks the value
     check_fields(cfg.data, DATA_RULES, owner="data")
     check_fields(cfg.metrics, METRICS_RULES, owner="metrics")
     check_fields(cfg.phi, {"max_samples": OPTIONAL_COUNT, "batch_size": COUNT}, owner="phi")
@@ -534,29 +553,54 @@ class PeakMemory:
         return False
 
 
+def _batch_tokens(inputs) -> int:
+    """Non-padding tokens of one training batch: its attention masks, else every ``input_ids`` position."""
+    # SFT/DPO batches carry one `attention_mask` over whole sequences; CPO/SimPO batches carry chosen_/rejected_
+    # attention_mask (prompt included) beside prompt_attention_mask, which would count prompts twice; SDFT's prepared
+    # batches carry the student's prompt_mask and completion_mask (and the teacher's, which is not what is trained)
+    if torch.is_tensor(inputs.get("attention_mask")):
+        masks = [inputs["attention_mask"]]
+    elif torch.is_tensor(inputs.get("completion_mask")) and torch.is_tensor(inputs.get("prompt_mask")):
+        masks = [inputs["prompt_mask"], inputs["completion_mask"]]
+    else:
+        masks = [v for k, v in inputs.items()
+                 if k.endswith("attention_mask") and not k.startswith(("prompt_", "teacher_")) and torch.is_tensor(v)]
+    if masks:
+        return int(sum(int(m.sum()) for m in masks))
+    return int(inputs["input_ids"].numel()) if "input_ids" in inputs else 0
+
+
 def _token_counter_callback(trainer, max_tokens: int | None):
-    """Count non-padding tokens of every training batch (its attention masks, else ``input_ids``) by
-    wrapping ``trainer.training_step``; stop training once ``max_tokens`` is reached."""
+    """Count non-padding tokens of every training batch by wrapping ``trainer.training_step`` (or, for trainers whose
+    steps receive raw rows and build the batch in ``_prepare_inputs``, like SDFT's on-policy rollouts, that method);
+    stop training once ``max_tokens`` is reached."""
+    from collections.abc import Mapping
+
     from transformers import TrainerCallback
 
     counter = {"tokens": 0}
     original = trainer.training_step
+    original_prepare = getattr(trainer, "_prepare_inputs", None)
+    raw_rows = {"active": False}
 
     def training_step(model, inputs, *args, **kwargs):
-        # SFT/DPO batches carry one `attention_mask` over whole sequences; CPO/SimPO batches carry
-        # chosen_/rejected_attention_mask (prompt included) beside prompt_attention_mask, which would count prompts twice
-        if torch.is_tensor(inputs.get("attention_mask")):
-            masks = [inputs["attention_mask"]]
-        else:
-            masks = [v for k, v in inputs.items()
-                     if k.endswith("attention_mask") and not k.startswith("prompt_") and torch.is_tensor(v)]
-        if masks:
-            counter["tokens"] += int(sum(int(m.sum()) for m in masks))
-        elif "input_ids" in inputs:
-            counter["tokens"] += int(inputs["input_ids"].numel())
-        return original(model, inputs, *args, **kwargs)
+        raw_rows["active"] = not isinstance(inputs, Mapping)
+        if not raw_rows["active"]:
+            counter["tokens"] += _batch_tokens(inputs)
+        try:
+            return original(model, inputs, *args, **kwargs)
+        finally:
+            raw_rows["active"] = False
+
+    def prepare_inputs(inputs, *args, **kwargs):
+        batch = original_prepare(inputs, *args, **kwargs)
+        if raw_rows["active"] and isinstance(batch, Mapping):
+            counter["tokens"] += _batch_tokens(batch)
+        return batch
 
     trainer.training_step = training_step
+    if original_prepare is not None:
+        trainer._prepare_inputs = prepare_inputs
 
     class StopAtTokens(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -915,7 +959,6 @@ class Comparison:
                                  "responses": responses})
         if own:
             del base_model
-            gc.collect()
         return responses
 
     # ---- metrics ---------------------------------------------------------------------------------------------------
@@ -941,7 +984,6 @@ class Comparison:
                                           batch_size=m.batch_size)
                 out[f"kl_{which}"] = _metric_record(r)
             del base_model
-            gc.collect()
         if m.nll:
             out["heldout_nll"] = _metric_record(forgetting.heldout_nll(model, tokenizer, self.nll_rows(), batch_size=m.batch_size))
         out["metrics_seconds"] = time.perf_counter() - start
@@ -1153,7 +1195,6 @@ class Comparison:
                 result["eval_seconds"] = time.perf_counter() - eval_start
                 result["metrics"] = self.measure(model, tokenizer, is_base=spec.name == "base")
                 del model
-                gc.collect()
             result["status"] = "ok"
             result["peak_rss_mib"] = mem.peak_rss_mib
             result["peak_cuda_mib"] = mem.peak_cuda_mib
@@ -1164,7 +1205,7 @@ class Comparison:
                           traceback=traceback.format_exc(limit=20)[-4000:])
         result["wall_seconds"] = time.perf_counter() - start
         result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        gc.collect()
+        gc.collect()  # once per unit: frees the trained model's reference cycles (each call costs ~1 s on a large heap)
         return result
 
     # ---- the whole run ---------------------------------------------------------------------------------------------
@@ -1177,6 +1218,7 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.out / "config.json", self.config_dict())
         units = self.units()
+        index, count = self.cfg.shard_index
         results: dict[str, dict] = {}
         for i, unit in enumerate(units, 1):
             path = self.result_path(unit)
@@ -1184,6 +1226,10 @@ class Comparison:
             settings = self.unit_settings(unit)
             previous = _read_json(path) if path.is_file() else None
             tag = f"[compare] ({i}/{len(units)}) {unit.key}"
+            if (i - 1) % count != index:  # another shard's unit: reported when it has finished under this config
+                if previous is not None and previous.get("status") == "ok" and not changed_keys(previous.get("fingerprint"), fp):
+                    results[unit.key] = previous
+                continue
             if previous is not None:
                 changed = changed_keys(previous.get("fingerprint"), fp)
                 if changed:
@@ -1202,7 +1248,7 @@ class Comparison:
             results[unit.key] = result
             msg = result.get("error", "")
             print(f"{tag}: {result['status']} in {result['wall_seconds']:.0f} s {msg}".rstrip(), flush=True)
-            self.report(results)
+            self.report(results, plots=False)  # tables after every unit; plots at the end
         return self.report(results)
 
     def config_dict(self) -> dict:
@@ -1215,10 +1261,10 @@ class Comparison:
             "sdft": c.sdft, "phi": c.phi, "dtype": c.dtype, "fingerprint": self._fp,
         }
 
-    def report(self, results: dict) -> dict:
+    def report(self, results: dict, plots: bool = True) -> dict:
         from .compare_report import write_report
 
-        return write_report(results, self.cfg, self.out, self.config_dict())
+        return write_report(results, self.cfg, self.out, self.config_dict(), plots=plots)
 
 
 def _text_of(content) -> str:

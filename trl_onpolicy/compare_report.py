@@ -403,9 +403,9 @@ def plot_accuracy(agg: dict, sets, path: str | Path, title: str | None = None) -
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def write_report(results: dict, cfg, out: Path, config: dict) -> dict:
-    """Aggregate ``results`` and write results.json, results.md, frontier.png and compare_accuracy.png into ``out``;
-    returns the results.json payload."""
+def write_report(results: dict, cfg, out: Path, config: dict, plots: bool = True) -> dict:
+    """Aggregate ``results`` and write results.json, results.md and (with ``plots``) frontier.png and
+    compare_accuracy.png into ``out``; returns the results.json payload."""
     from .compare import write_json_atomic
 
     agg = aggregate(results, cfg.eval_sets)
@@ -417,17 +417,21 @@ def write_report(results: dict, cfg, out: Path, config: dict) -> dict:
     payload = {"config": config, "units": agg["units"], "groups": agg["groups"], "paired": agg["paired"]}
     write_json_atomic(out / "results.json", payload)
     md = results_markdown(agg, cfg.eval_sets, cfg.title, note)
-    plots = []
+    drawn = []
     for name, fn in (("frontier.png", lambda p: plot_frontier(agg, p, cfg.title)),
                      ("compare_accuracy.png", lambda p: plot_accuracy(agg, cfg.eval_sets, p, cfg.title))):
+        if not plots:
+            if (out / name).is_file():
+                drawn.append(name)  # the previous plot stays until the final report redraws it
+            continue
         try:
             if fn(out / name):
-                plots.append(name)
+                drawn.append(name)
         except Exception as err:  # a missing plotting backend must not lose the numbers
             print(f"[compare] plot {name} skipped: {err}", file=sys.stderr)
-    if "frontier.png" in plots:
+    if "frontier.png" in drawn:
         md += "\n![frontier: in-domain gain vs KL to base, and retention vs in-domain gain](frontier.png)\n"
-    tmp = out / f".results.md.tmp"
+    tmp = out / ".results.md.tmp"
     tmp.write_text(md)
     tmp.replace(out / "results.md")
     return payload
