@@ -362,6 +362,10 @@ def test_recipe_errors_name_the_key(tmp_path, tiny_model_dir):
         parse_config({k: v for k, v in good.items() if k != "output_dir"})
     cfg = load_config_file(tmp_path / "compare.yaml", {"methods": "base,idft"})
     assert [m.label for m in cfg.method_specs] == ["base", "idft"]
+    cfg = parse_config({**good, "methods": ["base", "sft", {"name": "dpo", "args": {"beta": 0.2}}], "only": "base,dpo"})
+    assert [(m.label, m.args) for m in cfg.method_specs] == [("base", {}), ("dpo", {"beta": 0.2})]
+    with pytest.raises(ValueError, match="only='sft,simpo' is invalid"):
+        parse_config({**good, "methods": ["sft"], "only": "sft,simpo"})
     # a method's args.learning_rate is its one-rate grid; per-method grids and seeds replace the sweep's
     cfg = parse_config({**good, "sweep": {"seeds": [0, 1, 2], "learning_rates": [1e-5, 1e-4]},
                         "methods": ["base", "sft", {"name": "dpo", "args": {"learning_rate": 5e-6, "beta": 0.1}},

@@ -19,6 +19,8 @@
 - ``metrics``: forgetting and learning signals next to accuracy (`MetricsSpec`): KL(base || trained) on held-out
   in-domain prompts and on general prompts, and the held-out NLL of reference solutions;
 - ``num_threads``: torch CPU threads (on a shared CPU, 1 can be many times faster than the default);
+- ``only``: method labels (a list or ``--only base,sft``) to run now out of the recipe's ``methods``, keeping their
+  settings (e.g. a first pass before the best rates of the other methods are known);
 - ``shard``: ``"i/n"`` runs every n-th unit starting at i, so n processes can share the sweep (``--shard 0/2`` and
   ``--shard 1/2`` on two cores); any process's final report includes the other shards' finished units;
 - ``pairs`` (DPO/SimPO, `trl_onpolicy.preferences.PairConfig` fields), ``hinted`` (`trl_onpolicy.realign.RealignConfig`
@@ -351,7 +353,7 @@ def _strict(cls, values: Any, where: str):
 
 
 TOP_KEYS = ("model_name_or_path", "output_dir", "methods", "data", "budget", "sweep", "metrics", "eval", "pairs",
-            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "title", "num_threads", "shard", "env")
+            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "title", "num_threads", "shard", "only", "env")
 
 
 def parse_config(raw: dict) -> CompareConfig:
@@ -420,8 +422,11 @@ def parse_config(raw: dict) -> CompareConfig:
     check_fields(cfg.eval_config, EVAL_RULES, owner="eval")
     for s in cfg.eval_sets:
         check_fields(s, {"n": OPTIONAL_COUNT, "max_new_tokens": OPTIONAL_COUNT}, owner=f"eval.sets[{s.name}]")
+    if not isinstance(cfg.metrics.kl_prompts, dict):
+        raise invalid("metrics", "kl_prompts", cfg.metrics.kl_prompts, "expected a mapping of EvalSet fields")
     if cfg.metrics.kl_prompts:
-        EvalSet.from_spec({"name": "kl_in_domain", **cfg.metrics.kl_prompts})
+        default_task = {} if {"task", "path"} & set(cfg.metrics.kl_prompts) else {"task": cfg.data.task}
+        EvalSet.from_spec({"name": "kl_in_domain", **default_task, **cfg.metrics.kl_prompts})
     specs = []
     methods = cfg.methods.split(",") if isinstance(cfg.methods, str) else cfg.methods
     if not isinstance(methods, list):
@@ -438,6 +443,13 @@ def parse_config(raw: dict) -> CompareConfig:
         raise ValueError(f"Method labels must be unique (give repeated methods a `label`); got {labels}.")
     if not specs:
         raise ValueError("`methods` is empty: name at least one method.")
+    only = raw.get("only")
+    if only is not None:
+        only = [x.strip() for x in only.split(",")] if isinstance(only, str) else only
+        unknown = [x for x in only if x not in labels] if isinstance(only, list) else [only]
+        if unknown or not only:
+            raise invalid(None, "only", raw.get("only"), f"expected method labels of this recipe, from {labels}")
+        specs = [s for s in specs if s.label in only]
     cfg.method_specs = specs
     if cfg.pairs:
         from .preferences import PairConfig

@@ -341,8 +341,7 @@ def plot_frontier(agg: dict, path: str | Path, title: str | None = None) -> bool
         ax.axhline(0, color="grey", linewidth=0.8)
         if xm != "kl_in_domain":
             ax.axvline(0, color="grey", linewidth=0.8)
-        else:
-            ax.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none", label="base")
+        ax.plot([0], [0], marker="*", color="black", markersize=10, linestyle="none", label="base", zorder=5)
         if not any_point:
             ax.text(0.5, 0.5, f"no {xm} / {ym} measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel(xlabel)
