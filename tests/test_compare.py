@@ -43,8 +43,11 @@ def _standin_forgetting():
         return [list(ids) for ids, _ in generate_ids(model, tokenizer, encode(tokenizer, prompts),
                                                      max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0)]
 
+    def base_hidden_states(base_model, tokenizer, prompts, responses, batch_size=8, progress=True):
+        return [None] * len(responses)  # kl_to_base below recomputes the base side
+
     @torch.no_grad()
-    def kl_to_base(base_model, model, tokenizer, prompts, responses, batch_size=8, progress=True):
+    def kl_to_base(base_model, model, tokenizer, prompts, responses, batch_size=8, base_hidden=None, progress=True):
         sums = []
         for p, r in zip(encode(tokenizer, prompts), responses):
             ids = torch.tensor([p + list(r)])
@@ -66,6 +69,7 @@ def _standin_forgetting():
 
     module = types.ModuleType("trl_onpolicy.forgetting")
     module.sample_base_responses, module.kl_to_base, module.heldout_nll = sample_base_responses, kl_to_base, heldout_nll
+    module.base_hidden_states = base_hidden_states
     return module
 
 
@@ -315,11 +319,17 @@ def test_failures_exit_nonzero_and_others_go_on(tmp_path, tiny_model_dir, monkey
         ({"eval": {"temperature": float("nan"), "sets": SETS}}, "eval.temperature=nan is invalid"),
         ({"sweep": {"seeds": [0, 0]}}, "distinct"),
         ({"metrics": {**METRICS, "nll_n": 500}}, "metrics (held-out NLL rows): Only"),
+        ("output_dir inside the model", None),
+        ({"shard": "1/1"}, "shard='1/1' is invalid"),
+        ({"metrics": {**METRICS, "kl_n": 0}}, "metrics.kl_n=0 is invalid"),
         ({"data": {"path": "/nonexistent/train.jsonl"}}, "/nonexistent/train.jsonl"),
         ({"metrics": {**METRICS, "general_prompts": "/nonexistent/general.jsonl"}}, "/nonexistent/general.jsonl"),
     ],
 )
 def test_validation_before_any_training(tmp_path, tiny_model_dir, run_calls, change, message):
+    if change == "output_dir inside the model":
+        change = {"output_dir": str(tiny_model_dir / "compare_out")}
+        message = "would overwrite the input"
     path = _recipe(tmp_path, tiny_model_dir, ["base", "sft"], **{k: v for k, v in change.items() if k != "methods"})
     if "methods" in change:
         raw = yaml.safe_load(path.read_text())
@@ -328,7 +338,7 @@ def test_validation_before_any_training(tmp_path, tiny_model_dir, run_calls, cha
     with pytest.raises((ValueError, FileNotFoundError)) as err:
         compare.main(["--config", str(path)])
     assert message in str(err.value)
-    assert run_calls == [] and not (tmp_path / "out").exists()
+    assert run_calls == [] and not (tmp_path / "out").exists() and not (tiny_model_dir / "compare_out").exists()
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path, tiny_model_dir, capsys):

@@ -642,6 +642,7 @@ class Comparison:
         self._fp: dict[str, str] = {}
         self._prompt_sets: dict[str, list] = {}
         self._nll_rows = None
+        self._base_hidden: dict[str, list] = {}  # the base side of the KL, computed once per process and prompt set
 
     # ---- model and data ------------------------------------------------------------------------------------------
 
@@ -965,7 +966,7 @@ class Comparison:
             base_model, tokenizer = self.load_base()
         start = time.perf_counter()
         responses = forgetting.sample_base_responses(base_model, tokenizer, prompts, max_new_tokens=m.kl_max_new_tokens,
-                                                     seed=m.sample_seed, batch_size=m.batch_size)
+                                                     seed=m.sample_seed, batch_size=m.batch_size, progress=self.progress)
         responses = [[int(t) for t in r] for r in responses]
         write_json_atomic(path, {"fingerprint": fp, "num_prompts": len(prompts), "seconds": time.perf_counter() - start,
                                  "responses": responses})
@@ -992,12 +993,18 @@ class Comparison:
                     n = len(responses)
                     out[f"kl_{which}"] = {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "num_prompts": n}
                     continue
+                if which not in self._base_hidden:
+                    self._base_hidden[which] = forgetting.base_hidden_states(
+                        base_model, tokenizer, self.prompt_set(which), responses, batch_size=m.batch_size,
+                        progress=self.progress)
                 r = forgetting.kl_to_base(base_model, model, tokenizer, self.prompt_set(which), responses,
-                                          batch_size=m.batch_size)
+                                          batch_size=m.batch_size, base_hidden=self._base_hidden[which],
+                                          progress=self.progress)
                 out[f"kl_{which}"] = _metric_record(r)
             del base_model
         if m.nll:
-            out["heldout_nll"] = _metric_record(forgetting.heldout_nll(model, tokenizer, self.nll_rows(), batch_size=m.batch_size))
+            out["heldout_nll"] = _metric_record(forgetting.heldout_nll(model, tokenizer, self.nll_rows(), batch_size=m.batch_size,
+                                                                       progress=self.progress))
         out["metrics_seconds"] = time.perf_counter() - start
         return out
 
@@ -1244,7 +1251,9 @@ class Comparison:
                 continue
             if previous is not None:
                 changed = changed_keys(previous.get("fingerprint"), fp)
-                if changed:
+                if previous.get("fingerprint") is None:
+                    print(f"{tag}: the stored result has no fingerprint (an older compare wrote it); recomputing it", flush=True)
+                elif changed:
                     detail = _changed_settings(previous.get("settings") or {}, settings) if "settings" in changed else []
                     what = ", ".join(changed) + (f" ({', '.join(detail)})" if detail else "")
                     print(f"{tag}: the stored result was produced from a different {what}; recomputing it", flush=True)
