@@ -176,6 +176,8 @@ def test_sweep_two_methods_two_rates_two_seeds(tmp_path, tiny_model_dir, run_cal
     md = (out / "results.md").read_text()
     assert "## Frontier summary" in md and "## Paired differences vs SFT" in md and "frontier.png" in md
     assert "| dft | 1e-2 | 2/2 |" in md
+    best_sft = max((1e-3, 1e-2), key=lambda lr: groups[("sft", lr)]["metrics"]["in_domain_gain"]["mean"])
+    assert f"sft {'1e-3' if best_sft == 1e-3 else '1e-2'}" in md.split("Best learning rate per method")[1].splitlines()[0]
     # the base model's samples for the KL were generated once and cached with their fingerprint
     cached = json.loads((out / "corpora" / "base_samples_general.json").read_text())
     assert len(cached["responses"]) == METRICS["general_n"] and set(cached["fingerprint"]) >= {"model", "settings"}

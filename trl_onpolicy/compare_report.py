@@ -219,6 +219,13 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
                            _stat(m["kl_general"], 1, 4), _stat(m["heldout_nll"], 1, 3),
                            _stat(m["train_seconds"], 1, 0)]))
     lines.append("")
+    best = []
+    for label in dict.fromkeys(g["label"] for g in groups if g["learning_rate"] is not None):
+        b = _best([g for g in groups if g["label"] == label])
+        if b is not None:
+            best.append(f"{label} {_rate(b['learning_rate'])}")
+    if best:
+        lines += ["Best learning rate per method (highest mean in-domain gain over its seeds): " + ", ".join(best) + ".", ""]
 
     lines += ["## Accuracy per set (mean over seeds [95% t-interval over seeds])", ""]
     head = ["method", "lr", "seeds ok"] + [f"{s.name} ({s.role}) %" for s in sets]
