@@ -472,3 +472,24 @@ def test_sdft_is_a_method(tmp_path, tiny_model_dir):
     result = json.loads(_unit_file(tmp_path / "out", "sdft/lr=1e-5/seed=0").read_text())
     assert result["status"] == "ok" and result["steps"] == 2 and result["tokens_trained"] > 0
     assert result["corpus"] == "reference" and result["settings"]["sdft"] == {"max_completion_length": 8}
+
+
+def test_corpus_lock_is_exclusive(tmp_path):
+    # shards of one sweep build each cached corpus under this lock: a second holder waits for the first
+    import threading
+    import time
+
+    order = []
+    lock = tmp_path / "corpora" / ".pairs.lock"
+
+    def second():
+        with compare._file_lock(lock):
+            order.append("second")
+
+    with compare._file_lock(lock):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        order.append("first done")
+    thread.join(5)
+    assert order == ["first done", "second"]

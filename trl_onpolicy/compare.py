@@ -58,8 +58,10 @@ failed with its error and the others go on; the command then exits with status 1
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -504,6 +506,40 @@ def _rate(lr: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (``fcntl.flock``; nothing where that is unavailable), so that shards sharing
+    one output folder build each cached corpus once and never write it at the same time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _locked(name):
+    """Run a `Comparison` cache builder under ``corpora/.<name>.lock`` (``name``: a string, or a function of the
+    method's arguments)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(self, *args, **kwargs):
+            lock = name(*args) if callable(name) else name
+            with _file_lock(self.out / "corpora" / f".{lock}.lock"):
+                return fn(self, *args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
 @dataclass
 class Unit:
     """One (method, learning rate, seed) of the sweep; ``lr`` is None for ``base``, ``seed`` None for a base model
@@ -857,6 +893,7 @@ class Comparison:
     def hinted_settings(self) -> dict:
         return {"seed": self.cfg.budget.seed, **self.cfg.hinted}
 
+    @_locked("pairs")
     def preference_dataset(self, model, tokenizer):
         """Pairs from the base model's samples, built once into corpora/pairs (shared by dpo and simpo, every rate and
         seed); rebuilt when the model, the data or the pair settings changed."""
@@ -877,6 +914,7 @@ class Comparison:
         os.replace(tmp, folder)
         return load_from_disk(str(folder)), stats
 
+    @_locked("hinted")
     def hinted_dataset(self, model, tokenizer):
         """The training corpus re-aligned to the base model with Hinted Decoding (trl_onpolicy.realign), cached.
 
@@ -925,6 +963,7 @@ class Comparison:
         summary = {**summary, "fallback": fallback, "num_realigned_used": kept, "num_reference_used": len(out) - kept}
         return Dataset.from_list(out), summary
 
+    @_locked(lambda name, *_: f"phi_{name}")
     def corpus_phi(self, name: str, dataset, model, tokenizer) -> dict | None:
         """Mean phi (DDT) of a training corpus under the base model, cached in corpora/phi_<name>.json."""
         if not self.cfg.phi.get("enabled", True):
@@ -947,6 +986,7 @@ class Comparison:
         write_json_atomic(path, info)
         return info
 
+    @_locked(lambda which, *_: f"base_samples_{which}")
     def base_samples(self, which: str, base_model=None, tokenizer=None) -> list:
         """The base model's temperature-1 samples (token ids) for one KL prompt set: generated once per study into
         ``corpora/base_samples_<which>.json`` with the fingerprint of the model, the prompts and the sampling settings,
