@@ -841,7 +841,7 @@ class Comparison:
         """Fingerprints shared by every unit: start-model weights, training data, evaluation, metrics."""
         if not self._fp:
             c = self.cfg
-            eval_settings = {"config": {k: v for k, v in asdict(c.eval_config).items() if k != "progress"},
+            eval_settings = {"config": {k: v for k, v in asdict(c.eval_config).items() if k not in ("progress", "check_workers")},
                              "sets": [asdict(s) for s in c.eval_sets],
                              "files": {s.name: data_fingerprint(s.path) for s in c.eval_sets if s.path}}
             metrics = {"settings": asdict(c.metrics)}
