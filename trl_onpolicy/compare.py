@@ -1,44 +1,72 @@
-"""Train several methods on the same data and budget, evaluate each, and report them side by side.
+"""Train several methods on the same data and budget, sweep learning rates and seeds, evaluate each unit, report them.
 
 ``trl-onpolicy compare --config recipes/compare/<recipe>.yaml`` (flags after the config override top-level keys:
-``--output_dir DIR``, ``--methods base,sft,idft``). One YAML names:
+``--output_dir DIR``, ``--methods base,sft,idft``, ``--sweep '{seeds: [0]}'``). One YAML names:
 
 - ``model_name_or_path``: the starting model of every method (a folder, Hub name, or ``embedded:smollm2-135m-instruct``);
 - ``data``: the SFT corpus (``task`` of `trl_onpolicy.data.math_word_problems`, ``n``, ``seed``, ``task_kwargs``; or
   ``path`` to a local file/folder with prompt, completion and answer columns);
 - ``eval``: the evaluation sets (`trl_onpolicy.evaluation.EvalSet` mappings: in-domain, out-of-domain, retention) and
   the generation settings (`trl_onpolicy.evaluation.EvalConfig` fields);
-- ``methods``: any of `METHODS`, as names or mappings ``{name, label, args}`` (``args`` go to the method's trainer
-  config, e.g. ``{learning_rate: 5e-7, beta: 0.1}``; ``label`` tells two runs of one method apart);
+- ``methods``: any of `METHODS`, as names or mappings ``{name, label, args, learning_rates, seeds}`` (``args`` go to
+  the method's trainer config, e.g. ``{beta: 0.1}``; ``learning_rates`` replaces the sweep's grid for this method;
+  ``label`` tells two runs of one method apart);
+- ``sweep``: ``seeds`` (every unit is trained once per seed) and ``learning_rates`` (the grid every method uses unless
+  it gives its own ``learning_rates``); without it: one seed (``budget.seed``) and one rate (``budget.learning_rate``);
 - ``budget``: what every method shares: the same training prompts, ``max_steps`` optimizer steps (and optionally a
   ``max_tokens`` cap on non-padding tokens), ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
-  ``max_length``, ``learning_rate`` (a method's ``args`` may change its own rate), and ``seed``;
+  ``max_length`` and the optimizer settings;
+- ``metrics``: forgetting and learning signals next to accuracy (`MetricsSpec`): KL(base || trained) on held-out
+  in-domain prompts and on general prompts, and the held-out NLL of reference solutions;
 - ``num_threads``: torch CPU threads (on a shared CPU, 1 can be many times faster than the default);
+- ``only``: method labels (a list or ``--only base,sft``) to run now out of the recipe's ``methods``, keeping their
+  settings (e.g. a first pass before the best rates of the other methods are known);
+- ``shard``: ``"i/n"`` runs every n-th unit starting at i, so n processes can share the sweep (``--shard 0/2`` and
+  ``--shard 1/2`` on two cores); any process's final report includes the other shards' finished units;
 - ``pairs`` (DPO/SimPO, `trl_onpolicy.preferences.PairConfig` fields), ``hinted`` (`trl_onpolicy.realign.RealignConfig`
-  fields for the Hinted-Decoding corpus), ``online`` (`trl_onpolicy.hinted_online.HintedDataCollator` keyword arguments: decoding settings of online IDFT).
+  fields for the Hinted-Decoding corpus), ``online`` (`trl_onpolicy.hinted_online.HintedDataCollator` keyword
+  arguments: decoding settings of online IDFT), ``sdft`` (settings of `trl_onpolicy.sdft.train_sdft`).
 
-Every method starts from the same base weights. ``base`` is evaluated untrained; ``sft``/``dft``/``eaft``/``idft`` train
-with `IDFTTrainer` (token_loss nll/dft/eaft/idft) on the reference solutions; ``sft_hinted``/``idft_hinted`` train on the
-corpus re-aligned to the base model with Hinted Decoding (built once, cached); ``idft_online`` re-aligns every batch
-with the current weights; ``dpo`` (TRL's `DPOTrainer`, reference model = a frozen copy of the base) and ``simpo``
-(TRL's `CPOTrainer` with ``loss_type="simpo", cpo_alpha=0``) train on preference pairs (chosen = reference, rejected =
-the base model's own wrong sample; built once, cached). DPO/SimPO therefore see the subset of prompts that got a pair.
+Units. Every (method, learning rate, seed) is one unit, trained from the same base weights on the same prompts in the
+same data order for a given seed (``seed`` and ``data_seed`` of the trainer), so units of two methods with the same
+seed are paired. ``base`` is evaluated once (once per seed when evaluation samples, ``eval.temperature > 0``).
+``sft``/``dft``/``eaft``/``idft`` train with `IDFTTrainer` (token_loss nll/dft/eaft/idft) on the reference solutions;
+``sft_hinted``/``idft_hinted`` train on the corpus re-aligned to the base model with Hinted Decoding (built once,
+cached); ``idft_online`` re-aligns every batch with the current weights; ``sdft`` is TRL's self-distillation
+(`trl.experimental.sdft.SDFTTrainer` through `trl_onpolicy.sdft`, privileged context = the reference solution);
+``dpo`` (TRL's `DPOTrainer`, reference model = a frozen copy of the base) and ``simpo`` (TRL's `CPOTrainer` with
+``loss_type="simpo", cpo_alpha=0``) train on preference pairs (chosen = reference, rejected = the base model's own wrong
+sample; built once, cached).
 
-Output (``output_dir``): ``methods/<label>/result.json`` (one per method, written atomically), ``methods/<label>/eval/``
-(per-sample jsonl), ``corpora/`` (pairs, re-aligned corpus, DDT phi of each training corpus under the base model),
-``results.json``, ``results.md`` and ``compare_accuracy.png``.
+Output (``output_dir``): ``methods/<label>/lr<rate>_seed<seed>/result.json`` (one per unit, written atomically, with
+``eval/`` per-sample jsonl beside it), ``corpora/`` (pairs, re-aligned corpus, DDT phi, the base model's samples for
+the KL estimates: each with the fingerprint of what produced it), ``results.json``, ``results.md``, ``frontier.png``
+(in-domain gain against KL to base, and retention against in-domain gain) and ``compare_accuracy.png``.
+Aggregation, pairing and plots live in `trl_onpolicy.compare_report`.
 
-Resuming: run the same command again. A method whose result.json says ``"status": "ok"`` is not run again; a failed
-one is retried (``rerun_failed: false`` keeps the failure). A method that raises is recorded as failed with its error
-and the others go on; a method whose module is not available records that as its error.
+Checks before any work: the whole recipe (unknown keys, numeric fields through `trl_onpolicy.validation`, method names,
+each method's trainer configuration), the model folder, the training data, every evaluation set and metric prompt set,
+and the output folder. Nothing is trained or written when one fails.
+
+Resuming and staleness: run the same command again. A unit whose result.json says ``"status": "ok"`` and whose
+recorded fingerprint (start-model weights, training data, evaluation sets and settings, metric settings, and every
+setting of the unit: method, args, learning rate, seed, budget, corpus settings) equals this run's is skipped. A unit
+whose fingerprint differs is recomputed (the message says what changed); old results are never reported under a new
+configuration. A failed unit is retried (``rerun_failed: false`` keeps the failure). A unit that raises is recorded as
+failed with its error and the others go on; the command then exits with status 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import functools
 import gc
 import json
+import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -49,12 +77,43 @@ from typing import Any
 
 import torch
 
-from .evaluation import EvalConfig, EvalSet, evaluate
+from .evaluation import EvalConfig, EvalSet, evaluate, load_eval_set
+from .fingerprint import changed_keys, data_fingerprint, model_fingerprint, settings_fingerprint
+from .validation import (
+    COUNT,
+    NON_NEGATIVE,
+    OPTIONAL_COUNT,
+    POSITIVE,
+    PROBABILITY_OPEN_LOW,
+    Range,
+    check_fields,
+    check_input_path,
+    check_output_path,
+    check_value,
+    invalid,
+    looks_like_local_path,
+)
 
-METHODS = ("base", "sft", "dft", "eaft", "idft", "sft_hinted", "idft_hinted", "idft_online", "dpo", "simpo")
+METHODS = ("base", "sft", "dft", "eaft", "idft", "sft_hinted", "idft_hinted", "idft_online", "sdft", "dpo", "simpo")
 TOKEN_LOSS = {"sft": "nll", "dft": "dft", "eaft": "eaft", "idft": "idft", "sft_hinted": "nll", "idft_hinted": "idft"}
-# keys that belong to the shared budget: a method's args may not change them
+# keys that belong to the shared budget or the sweep: a method's args may not change them
 BUDGET_KEYS = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed", "max_length")
+GENERAL_PROMPTS = Path(__file__).parent / "resources" / "general_prompts.jsonl"
+
+SEED = Range(lo=0, integer=True)
+LEARNING_RATE = Range(lo=0, lo_open=True, hi=1)
+BUDGET_RULES = {
+    "max_steps": COUNT, "max_tokens": OPTIONAL_COUNT, "per_device_train_batch_size": COUNT,
+    "gradient_accumulation_steps": COUNT, "max_length": COUNT, "learning_rate": LEARNING_RATE,
+    "warmup_steps": Range(lo=0, integer=True), "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "seed": SEED,
+}
+EVAL_RULES = {"num_samples": COUNT, "temperature": NON_NEGATIVE, "top_p": PROBABILITY_OPEN_LOW, "max_new_tokens": COUNT,
+              "batch_size": COUNT, "seed": SEED, "check_workers": COUNT}
+DATA_RULES = {"n": OPTIONAL_COUNT, "seed": SEED, "max_solution_chars": OPTIONAL_COUNT}
+# numeric trainer arguments a method's `args` commonly set (the trainer config then checks the rest)
+ARG_RULES = {"learning_rate": LEARNING_RATE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
+             "beta": POSITIVE, "simpo_gamma": Range(), "cpo_alpha": NON_NEGATIVE, "temperature": POSITIVE,
+             "idft_alpha": Range(), "eaft_top_k": COUNT, "warmup_ratio": Range(lo=0, hi=1)}
 
 
 class MethodUnavailable(RuntimeError):
@@ -80,13 +139,13 @@ class DataSpec:
         path: a local file or saved dataset folder with ``prompt``, ``completion`` and ``answer`` columns instead.
     """
 
-    task: str = "chain_sum"
-    n: int = 64
-    seed: int = 0
-    task_kwargs: dict = field(default_factory=dict)
-    answer_format: str = "gsm"
-    max_solution_chars: int | None = None
-    path: str | None = None
+    task: str = field(default="chain_sum", metadata={"help": "reasoning-gym task of trl_onpolicy.data.TASKS."})
+    n: int | None = field(default=64, metadata={"help": "Number of training problems."})
+    seed: int = field(default=0, metadata={"help": "Generator seed of the training problems."})
+    task_kwargs: dict = field(default_factory=dict, metadata={"help": "reasoning-gym settings of the task."})
+    answer_format: str = field(default="gsm", metadata={"help": "'gsm' (#### N) or 'boxed'."})
+    max_solution_chars: int | None = field(default=None, metadata={"help": "Skip longer worked solutions."})
+    path: str | None = field(default=None, metadata={"help": "Local prompt/completion/answer data instead of a task."})
 
 
 @dataclass
@@ -94,46 +153,143 @@ class Budget:
     """What every method shares.
 
     Args:
-        max_steps: optimizer steps per method.
-        max_tokens: optional cap on trained (non-padding) tokens; a method stops at whichever limit comes first.
+        max_steps: optimizer steps per unit.
+        max_tokens: optional cap on trained (non-padding) tokens; a unit stops at whichever limit comes first.
         per_device_train_batch_size / gradient_accumulation_steps: samples per step (DPO/SimPO: pairs per step).
         max_length: truncation length of training sequences.
-        learning_rate / lr_scheduler_type / warmup_steps / weight_decay / max_grad_norm: optimizer settings (a
-            method's ``args`` may override the learning rate, e.g. DPO typically uses a smaller one).
+        learning_rate: the rate when neither ``sweep.learning_rates`` nor a method's ``learning_rates`` is given.
+        lr_scheduler_type / warmup_steps / weight_decay / max_grad_norm: optimizer settings.
         gradient_checkpointing: off by default (small models on CPU train faster without it).
-        seed: seed of training, sampling and evaluation.
+        seed: the seed when ``sweep.seeds`` is not given.
     """
 
-    max_steps: int = 8
-    max_tokens: int | None = None
-    per_device_train_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    max_length: int = 256
-    learning_rate: float = 1e-5
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    max_steps: int = field(default=8, metadata={"help": "Optimizer steps per unit."})
+    max_tokens: int | None = field(default=None, metadata={"help": "Optional cap on trained non-padding tokens."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Samples (or pairs) per device and step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_length: int = field(default=256, metadata={"help": "Truncation length of training sequences."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Rate used when no sweep grid is given."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    seed: int = field(default=0, metadata={"help": "Seed used when sweep.seeds is not given."})
+
+
+@dataclass
+class SweepSpec:
+    """The grid of units: every method x its learning rates x seeds.
+
+    Args:
+        seeds: training seeds (model init of new heads, data order, sampling); defaults to ``[budget.seed]``.
+        learning_rates: the grid of every method that gives no ``learning_rates`` of its own; defaults to
+            ``[budget.learning_rate]``.
+    """
+
+    seeds: list | None = field(default=None, metadata={"help": "Seeds; every unit runs once per seed."})
+    learning_rates: list | None = field(default=None, metadata={"help": "Learning-rate grid shared by the methods."})
+
+
+@dataclass
+class MetricsSpec:
+    """Signals measured on every unit next to accuracy (all forward-only, batched; `trl_onpolicy.forgetting`).
+
+    KL(base || trained) is estimated per token on responses the base model samples at temperature 1 (generated once
+    per study and cached in ``corpora/``) for two prompt sets: held-out in-domain prompts (``kl_prompts``, an
+    `EvalSet` mapping; default: the training task's test split) and general non-math prompts (``general_prompts``: a
+    jsonl file with a ``prompt`` column; default: the everyday instructions shipped in
+    ``trl_onpolicy/resources/general_prompts.jsonl``). The held-out NLL is the mean per-token negative log-likelihood
+    of reference solutions the model was not trained on (``nll_path``, or the training task's test split).
+
+    Args:
+        kl: measure KL to the base model.
+        kl_prompts: `EvalSet` fields of the in-domain KL prompts (``name`` optional); defaults to the training task.
+        general_prompts: jsonl of general prompts (``prompt``: a string or chat messages); None = the shipped file.
+        general_n: general prompts used (the first n).
+        kl_max_new_tokens: length of the base model's samples.
+        sample_seed: seed of the base model's samples.
+        nll: measure held-out NLL of reference solutions.
+        nll_n: held-out solutions scored.
+        nll_seed: generator seed of the held-out solutions (test split of the training task).
+        nll_path: a local prompt/completion file of held-out solutions instead (needed when ``data.path`` is set).
+        batch_size: sequences per forward pass.
+    """
+
+    kl: bool = field(default=True, metadata={"help": "Measure KL(base || trained)."})
+    kl_prompts: dict = field(default_factory=dict, metadata={"help": "EvalSet fields of the in-domain KL prompts."})
+    general_prompts: str | None = field(default=None, metadata={"help": "jsonl of general prompts (None = shipped)."})
+    general_n: int = field(default=64, metadata={"help": "General prompts used."})
+    kl_n: int = field(default=64, metadata={"help": "In-domain KL prompts used (when kl_prompts gives no n)."})
+    kl_max_new_tokens: int = field(default=128, metadata={"help": "Length of the base model's samples."})
+    sample_seed: int = field(default=0, metadata={"help": "Seed of the base model's samples."})
+    nll: bool = field(default=True, metadata={"help": "Measure held-out NLL of reference solutions."})
+    nll_n: int = field(default=128, metadata={"help": "Held-out reference solutions scored."})
+    nll_seed: int = field(default=30_000, metadata={"help": "Generator seed of the held-out solutions."})
+    nll_path: str | None = field(default=None, metadata={"help": "Local prompt/completion file of held-out solutions."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+
+
+METRICS_RULES = {"general_n": COUNT, "kl_n": COUNT, "kl_max_new_tokens": COUNT, "sample_seed": SEED, "nll_n": COUNT,
+                 "nll_seed": SEED, "batch_size": COUNT}
 
 
 @dataclass
 class MethodSpec:
+    """One method of the comparison.
+
+    Args:
+        name: one of `METHODS`.
+        label: report name (defaults to ``name``); tells two runs of one method apart.
+        args: trainer-config settings of this method (budget keys are refused: every method shares the budget).
+        learning_rates: this method's grid (replaces ``sweep.learning_rates``); e.g. its best rate after a first pass.
+        seeds: this method's seeds (replaces ``sweep.seeds``; pairing uses the seeds two methods share).
+    """
+
     name: str
     label: str | None = None
     args: dict = field(default_factory=dict)
+    learning_rates: list | None = None
+    seeds: list | None = None
 
     def __post_init__(self):
         if self.name not in METHODS:
             raise ValueError(f"Unknown method {self.name!r}; choose from {list(METHODS)}.")
         self.label = self.label or self.name
+        if not isinstance(self.args, dict):
+            raise ValueError(f"methods[{self.label}].args must be a mapping, got {self.args!r}.")
         bad = sorted(k for k in self.args if k in BUDGET_KEYS)
         if bad:
             raise ValueError(
                 f"Method {self.label!r} sets {bad} in its args: these belong to the shared `budget` (every method uses "
                 "the same), so set them there."
             )
+        if "learning_rate" in self.args:
+            if self.learning_rates is not None:
+                raise ValueError(f"methods[{self.label}] gives both args.learning_rate and learning_rates; keep one.")
+            self.args = dict(self.args)
+            self.learning_rates = [self.args.pop("learning_rate")]
+        owner = f"methods[{self.label}].args"
+        check_fields(self.args, ARG_RULES, owner=owner)
+        for key, value in self.args.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise invalid(owner, key, value, "expected a finite number")
+        self.learning_rates = _number_list(self.learning_rates, f"methods[{self.label}]", "learning_rates", LEARNING_RATE)
+        self.seeds = _number_list(self.seeds, f"methods[{self.label}]", "seeds", SEED)
+
+
+def _number_list(values, owner: str, name: str, rule: Range) -> list | None:
+    if values is None:
+        return None
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    if not isinstance(values, (list, tuple)) or not values:
+        raise invalid(owner, name, values, "expected a non-empty list of numbers")
+    for i, v in enumerate(values):
+        check_value(f"{name}[{i}]", v, rule, owner)
+    if len(set(values)) != len(values):
+        raise invalid(owner, name, values, "expected distinct values")
+    return [int(v) for v in values] if rule.integer else [float(v) for v in values]
 
 
 @dataclass
@@ -143,20 +299,44 @@ class CompareConfig:
     methods: list = field(default_factory=lambda: ["base", "sft", "idft"])
     data: DataSpec = field(default_factory=DataSpec)
     budget: Budget = field(default_factory=Budget)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
     eval: dict = field(default_factory=dict)
     pairs: dict = field(default_factory=dict)
     hinted: dict = field(default_factory=dict)
     online: dict = field(default_factory=dict)
+    sdft: dict = field(default_factory=dict)
     phi: dict = field(default_factory=lambda: {"enabled": True, "max_samples": 128, "batch_size": 8})
     dtype: str = "float32"
     rerun_failed: bool = True
     title: str | None = None
     num_threads: int | None = None
+    shard: str | None = None
 
     # parsed forms
     eval_sets: list = field(default_factory=list, repr=False)
     eval_config: EvalConfig = field(default_factory=EvalConfig, repr=False)
     method_specs: list = field(default_factory=list, repr=False)
+
+    @property
+    def shard_index(self) -> tuple[int, int]:
+        """``(i, n)`` of ``shard: "i/n"``: this process runs units i, i + n, i + 2n, ... (0-based) of the sweep, so n
+        processes (one per core, ``num_threads: 1``) share one output folder; ``(0, 1)`` without sharding."""
+        if not self.shard:
+            return 0, 1
+        try:
+            i, n = (int(x) for x in str(self.shard).split("/"))
+        except ValueError:
+            raise invalid(None, "shard", self.shard, "expected 'i/n' with 0 <= i < n, e.g. '0/2'") from None
+        if not 0 <= i < n:
+            raise invalid(None, "shard", self.shard, "expected 'i/n' with 0 <= i < n, e.g. '0/2'")
+        return i, n
+
+    def seeds_of(self, spec: MethodSpec) -> list[int]:
+        return spec.seeds or self.sweep.seeds or [self.budget.seed]
+
+    def rates_of(self, spec: MethodSpec) -> list[float]:
+        return spec.learning_rates or self.sweep.learning_rates or [self.budget.learning_rate]
 
 
 def _strict(cls, values: Any, where: str):
@@ -174,65 +354,113 @@ def _strict(cls, values: Any, where: str):
     return cls(**values)
 
 
-TOP_KEYS = ("model_name_or_path", "output_dir", "methods", "data", "budget", "eval", "pairs", "hinted", "online", "phi",
-            "dtype", "rerun_failed", "title", "num_threads", "env")
+TOP_KEYS = ("model_name_or_path", "output_dir", "methods", "data", "budget", "sweep", "metrics", "eval", "pairs",
+            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "title", "num_threads", "shard", "only", "env")
 
 
 def parse_config(raw: dict) -> CompareConfig:
-    """Validate a compare recipe (a mapping, e.g. loaded from YAML); errors name the offending key."""
+    """Validate a compare recipe (a mapping, e.g. loaded from YAML); errors name the offending key. Nothing is loaded
+    or written here; `Comparison.validate` checks the files and data before any work."""
     if not isinstance(raw, dict):
         raise ValueError("A compare recipe must be a YAML mapping.")
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         raise ValueError(f"Unknown top-level key(s) {unknown} in the compare recipe; known keys: {list(TOP_KEYS)}.")
     for key in ("model_name_or_path", "output_dir"):
-        if not raw.get(key):
-            raise ValueError(f"The compare recipe needs `{key}`.")
+        if not raw.get(key) or not isinstance(raw[key], str):
+            raise ValueError(f"The compare recipe needs `{key}` (a string).")
+    for key in ("pairs", "hinted", "online", "sdft", "phi", "env"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ValueError(f"`{key}` must be a mapping, got {type(raw[key]).__name__}.")
     for key, value in (raw.get("env") or {}).items():
         os.environ[str(key)] = str(value)
-    eval_raw = dict(raw.get("eval") or {})
+    eval_raw = raw.get("eval") or {}
+    if not isinstance(eval_raw, dict):
+        raise ValueError(f"`eval` must be a mapping, got {type(eval_raw).__name__}.")
+    eval_raw = dict(eval_raw)
     sets = eval_raw.pop("sets", None)
-    if not sets:
+    if not sets or not isinstance(sets, list):
         raise ValueError("The compare recipe needs `eval.sets`: a list of evaluation sets (in-domain, ood, retention).")
-    eval_raw.setdefault("seed", (raw.get("budget") or {}).get("seed", 0))
+    budget = _strict(Budget, raw.get("budget"), "budget")
+    check_fields(budget, BUDGET_RULES, owner="budget")
+    eval_raw.setdefault("seed", budget.seed)
     cfg = CompareConfig(
         model_name_or_path=raw["model_name_or_path"],
         output_dir=raw["output_dir"],
         methods=raw.get("methods") or ["base"],
         data=_strict(DataSpec, raw.get("data"), "data"),
-        budget=_strict(Budget, raw.get("budget"), "budget"),
-        eval=raw.get("eval") or {},
+        budget=budget,
+        sweep=_strict(SweepSpec, raw.get("sweep"), "sweep"),
+        metrics=_strict(MetricsSpec, raw.get("metrics"), "metrics"),
+        eval=eval_raw,
         pairs=dict(raw.get("pairs") or {}),
         hinted=dict(raw.get("hinted") or {}),
         online=dict(raw.get("online") or {}),
+        sdft=dict(raw.get("sdft") or {}),
         phi={"enabled": True, "max_samples": 128, "batch_size": 8, **(raw.get("phi") or {})},
         dtype=raw.get("dtype", "float32"),
         rerun_failed=bool(raw.get("rerun_failed", True)),
         title=raw.get("title"),
         num_threads=raw.get("num_threads"),
+        shard=None if raw.get("shard") is None else str(raw["shard"]),
     )
+    cfg.shard_index  # noqa: B018 - checks the value
+    check_fields(cfg.data, DATA_RULES, owner="data")
+    check_fields(cfg.metrics, METRICS_RULES, owner="metrics")
+    check_fields(cfg.phi, {"max_samples": OPTIONAL_COUNT, "batch_size": COUNT}, owner="phi")
+    check_value("num_threads", cfg.num_threads, OPTIONAL_COUNT)
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise invalid(None, "dtype", cfg.dtype, "choose one of ['float32', 'bfloat16', 'float16']")
+    cfg.sweep.seeds = _number_list(cfg.sweep.seeds, "sweep", "seeds", SEED)
+    cfg.sweep.learning_rates = _number_list(cfg.sweep.learning_rates, "sweep", "learning_rates", LEARNING_RATE)
+    for i, s in enumerate(sets):
+        if isinstance(s, dict) and "name" not in s:
+            raise ValueError(f"eval.sets[{i}] needs a `name`.")
     cfg.eval_sets = [EvalSet.from_spec(s) for s in sets]
     names = [s.name for s in cfg.eval_sets]
     if len(set(names)) != len(names):
         raise ValueError(f"eval.sets names must be unique; got {names}.")
     cfg.eval_config = _strict(EvalConfig, eval_raw, "eval")
+    check_fields(cfg.eval_config, EVAL_RULES, owner="eval")
+    for s in cfg.eval_sets:
+        check_fields(s, {"n": OPTIONAL_COUNT, "max_new_tokens": OPTIONAL_COUNT}, owner=f"eval.sets[{s.name}]")
+    if not isinstance(cfg.metrics.kl_prompts, dict):
+        raise invalid("metrics", "kl_prompts", cfg.metrics.kl_prompts, "expected a mapping of EvalSet fields")
+    if cfg.metrics.kl_prompts:
+        default_task = {} if {"task", "path"} & set(cfg.metrics.kl_prompts) else {"task": cfg.data.task}
+        EvalSet.from_spec({"name": "kl_in_domain", **default_task, **cfg.metrics.kl_prompts})
     specs = []
     methods = cfg.methods.split(",") if isinstance(cfg.methods, str) else cfg.methods
+    if not isinstance(methods, list):
+        raise ValueError(f"`methods` must be a list (or a comma-separated string), got {methods!r}.")
     for m in methods:
         if isinstance(m, str):
             specs.append(MethodSpec(name=m.strip()))
         elif isinstance(m, dict):
             specs.append(_strict(MethodSpec, m, f"methods[{m.get('name', '?')}]"))
         else:
-            raise ValueError(f"A method must be a name or a mapping {{name, label, args}}; got {m!r}.")
+            raise ValueError(f"A method must be a name or a mapping {{name, label, args, learning_rates, seeds}}; got {m!r}.")
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"Method labels must be unique (give repeated methods a `label`); got {labels}.")
+    if not specs:
+        raise ValueError("`methods` is empty: name at least one method.")
+    only = raw.get("only")
+    if only is not None:
+        only = [x.strip() for x in only.split(",")] if isinstance(only, str) else only
+        unknown = [x for x in only if x not in labels] if isinstance(only, list) else [only]
+        if unknown or not only:
+            raise invalid(None, "only", raw.get("only"), f"expected method labels of this recipe, from {labels}")
+        specs = [s for s in specs if s.label in only]
     cfg.method_specs = specs
     if cfg.pairs:
         from .preferences import PairConfig
 
         _strict(PairConfig, cfg.pairs, "pairs")
+    if cfg.hinted:
+        fallback = cfg.hinted.get("fallback", "reference")
+        if fallback not in ("reference", "drop"):
+            raise invalid("hinted", "fallback", fallback, "choose one of ['reference', 'drop']")
     return cfg
 
 
@@ -241,8 +469,13 @@ def load_config_file(path: str | Path, overrides: dict | None = None) -> Compare
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Compare recipe {path} does not exist.")
-    raw = yaml.safe_load(path.read_text()) or {}
+        raise FileNotFoundError(f"Compare recipe {str(path)!r} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"Compare recipe {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"Compare recipe {str(path)!r} must be a YAML mapping, got {type(raw).__name__}.")
     raw.update(overrides or {})
     return parse_config(raw)
 
@@ -257,6 +490,74 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file written by this module, or None when it is missing or unreadable (e.g. cut short)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _rate(lr: float) -> str:
+    """A learning rate as short text: 1e-4, 2.5e-5."""
+    mantissa, exponent = f"{lr:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (``fcntl.flock``; nothing where that is unavailable), so that shards sharing
+    one output folder build each cached corpus once and never write it at the same time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _locked(name):
+    """Run a `Comparison` cache builder under ``corpora/.<name>.lock`` (``name``: a string, or a function of the
+    method's arguments)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(self, *args, **kwargs):
+            lock = name(*args) if callable(name) else name
+            with _file_lock(self.out / "corpora" / f".{lock}.lock"):
+                return fn(self, *args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+@dataclass
+class Unit:
+    """One (method, learning rate, seed) of the sweep; ``lr`` is None for ``base``, ``seed`` None for a base model
+    evaluated greedily (it depends on no seed)."""
+
+    spec: MethodSpec
+    lr: float | None
+    seed: int | None
+
+    @property
+    def key(self) -> str:
+        parts = [self.spec.label] + ([f"lr={_rate(self.lr)}"] if self.lr is not None else [])
+        return "/".join(parts + ([f"seed={self.seed}"] if self.seed is not None else []))
+
+    @property
+    def folder_name(self) -> str:
+        parts = ([f"lr{_rate(self.lr)}"] if self.lr is not None else []) + ([f"seed{self.seed}"] if self.seed is not None else [])
+        return "_".join(parts) or "unit"
 
 
 class PeakMemory:
@@ -300,29 +601,54 @@ class PeakMemory:
         return False
 
 
+def _batch_tokens(inputs) -> int:
+    """Non-padding tokens of one training batch: its attention masks, else every ``input_ids`` position."""
+    # SFT/DPO batches carry one `attention_mask` over whole sequences; CPO/SimPO batches carry chosen_/rejected_
+    # attention_mask (prompt included) beside prompt_attention_mask, which would count prompts twice; SDFT's prepared
+    # batches carry the student's prompt_mask and completion_mask (and the teacher's, which is not what is trained)
+    if torch.is_tensor(inputs.get("attention_mask")):
+        masks = [inputs["attention_mask"]]
+    elif torch.is_tensor(inputs.get("completion_mask")) and torch.is_tensor(inputs.get("prompt_mask")):
+        masks = [inputs["prompt_mask"], inputs["completion_mask"]]
+    else:
+        masks = [v for k, v in inputs.items()
+                 if k.endswith("attention_mask") and not k.startswith(("prompt_", "teacher_")) and torch.is_tensor(v)]
+    if masks:
+        return int(sum(int(m.sum()) for m in masks))
+    return int(inputs["input_ids"].numel()) if "input_ids" in inputs else 0
+
+
 def _token_counter_callback(trainer, max_tokens: int | None):
-    """Count non-padding tokens of every training batch (its attention masks, else ``input_ids``) by
-    wrapping ``trainer.training_step``; stop training once ``max_tokens`` is reached."""
+    """Count non-padding tokens of every training batch by wrapping ``trainer.training_step`` (or, for trainers whose
+    steps receive raw rows and build the batch in ``_prepare_inputs``, like SDFT's on-policy rollouts, that method);
+    stop training once ``max_tokens`` is reached."""
+    from collections.abc import Mapping
+
     from transformers import TrainerCallback
 
     counter = {"tokens": 0}
     original = trainer.training_step
+    original_prepare = getattr(trainer, "_prepare_inputs", None)
+    raw_rows = {"active": False}
 
     def training_step(model, inputs, *args, **kwargs):
-        # SFT/DPO batches carry one `attention_mask` over whole sequences; CPO/SimPO batches carry
-        # chosen_/rejected_attention_mask (prompt included) beside prompt_attention_mask, which would count prompts twice
-        if torch.is_tensor(inputs.get("attention_mask")):
-            masks = [inputs["attention_mask"]]
-        else:
-            masks = [v for k, v in inputs.items()
-                     if k.endswith("attention_mask") and not k.startswith("prompt_") and torch.is_tensor(v)]
-        if masks:
-            counter["tokens"] += int(sum(int(m.sum()) for m in masks))
-        elif "input_ids" in inputs:
-            counter["tokens"] += int(inputs["input_ids"].numel())
-        return original(model, inputs, *args, **kwargs)
+        raw_rows["active"] = not isinstance(inputs, Mapping)
+        if not raw_rows["active"]:
+            counter["tokens"] += _batch_tokens(inputs)
+        try:
+            return original(model, inputs, *args, **kwargs)
+        finally:
+            raw_rows["active"] = False
+
+    def prepare_inputs(inputs, *args, **kwargs):
+        batch = original_prepare(inputs, *args, **kwargs)
+        if raw_rows["active"] and isinstance(batch, Mapping):
+            counter["tokens"] += _batch_tokens(batch)
+        return batch
 
     trainer.training_step = training_step
+    if original_prepare is not None:
+        trainer._prepare_inputs = prepare_inputs
 
     class StopAtTokens(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -340,7 +666,7 @@ def _token_counter_callback(trainer, max_tokens: int | None):
 
 
 class Comparison:
-    """One compare run: shared data, cached corpora, and one `run_method` per method."""
+    """One compare run: shared data, cached corpora and base samples, and one `run_unit` per (method, rate, seed)."""
 
     def __init__(self, config: CompareConfig, progress: bool = True):
         self.cfg = config
@@ -349,6 +675,10 @@ class Comparison:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._model_path = None
         self._train_rows = None
+        self._fp: dict[str, str] = {}
+        self._prompt_sets: dict[str, list] = {}
+        self._nll_rows = None
+        self._base_hidden: dict[str, list] = {}  # the base side of the KL, computed once per process and prompt set
 
     # ---- model and data ------------------------------------------------------------------------------------------
 
@@ -371,15 +701,17 @@ class Comparison:
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        model.eval()
         return model, tokenizer
 
     def train_rows(self) -> list[dict]:
-        """The training problems (identical for every method)."""
+        """The training problems (identical for every unit)."""
         if self._train_rows is None:
             d = self.cfg.data
             if d.path:
                 from .data import load_sft_dataset
 
+                check_input_path(d.path, "data.path")
                 rows = list(load_sft_dataset(d.path))
                 rows = rows[: d.n] if d.n else rows
             else:
@@ -391,9 +723,15 @@ class Comparison:
                         max_solution_chars=d.max_solution_chars, **d.task_kwargs,
                     )
                 )
+            if not rows:
+                raise ValueError(f"The training data ({d.path or d.task}) is empty.")
             for col in ("prompt", "completion"):
-                if rows and col not in rows[0]:
+                if col not in rows[0]:
                     raise ValueError(f"The training data needs a `{col}` column (TRL prompt-completion); it has {sorted(rows[0])}.")
+            empty = [i for i, r in enumerate(rows) if not _text_of(r.get("completion"))]
+            if empty:
+                raise ValueError(f"The training data ({d.path or d.task}) has {len(empty)} row(s) with an empty completion "
+                                 f"(first: row {empty[0]}); remove them.")
             self._train_rows = rows
         return self._train_rows
 
@@ -403,29 +741,180 @@ class Comparison:
         rows = self.train_rows() if rows is None else rows
         return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
+    def prompt_set(self, which: str) -> list:
+        """Prompts of the KL estimates: ``"in_domain"`` (held-out prompts of the training task) or ``"general"``."""
+        if which not in self._prompt_sets:
+            m = self.cfg.metrics
+            if which == "in_domain":
+                d = self.cfg.data
+                spec = {"name": "kl_in_domain", "n": m.kl_n, "seed": 20_000, **m.kl_prompts}
+                if "task" not in m.kl_prompts and "path" not in m.kl_prompts:
+                    if d.path:
+                        raise ValueError("metrics.kl_prompts needs a `task` or `path` when the training data is a local "
+                                         "file (data.path): the held-out in-domain prompts cannot be drawn from it.")
+                    spec.update(task=d.task, task_kwargs={**d.task_kwargs, **m.kl_prompts.get("task_kwargs", {})})
+                prompts = [r["prompt"] for r in load_eval_set(EvalSet.from_spec(spec))]
+            else:
+                path = Path(m.general_prompts) if m.general_prompts else GENERAL_PROMPTS
+                check_input_path(path, "metrics.general_prompts", must_be_dir=False)
+                prompts = []
+                for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        raise ValueError(f"metrics.general_prompts {str(path)!r} line {i} is not JSON.") from None
+                    if not isinstance(row, dict) or not row.get("prompt"):
+                        raise ValueError(f"metrics.general_prompts {str(path)!r} line {i} needs a non-empty `prompt`.")
+                    p = row["prompt"]
+                    prompts.append([{"role": "user", "content": p}] if isinstance(p, str) else p)
+                prompts = prompts[: m.general_n]
+            if not prompts:
+                raise ValueError(f"The {which} KL prompt set is empty.")
+            self._prompt_sets[which] = prompts
+        return self._prompt_sets[which]
+
+    def nll_rows(self) -> list[dict]:
+        """Held-out reference solutions (prompt, completion) for the held-out NLL."""
+        if self._nll_rows is None:
+            m, d = self.cfg.metrics, self.cfg.data
+            if m.nll_path:
+                from .data import load_sft_dataset
+
+                check_input_path(m.nll_path, "metrics.nll_path")
+                rows = list(load_sft_dataset(m.nll_path))[: m.nll_n]
+            elif d.path:
+                raise ValueError("metrics.nll_path is needed when the training data is a local file (data.path): give "
+                                 "held-out prompt/completion rows, or set metrics.nll: false.")
+            else:
+                from .data import math_word_problems
+
+                rows = list(math_word_problems(m.nll_n, seed=m.nll_seed, task=d.task, split="test",
+                                               answer_format=d.answer_format, max_solution_chars=d.max_solution_chars,
+                                               **d.task_kwargs))
+            if not rows or any(c not in rows[0] for c in ("prompt", "completion")):
+                raise ValueError("The held-out NLL rows must be a non-empty set with `prompt` and `completion` columns.")
+            self._nll_rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+        return self._nll_rows
+
+    # ---- validation and fingerprints ------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Everything that can be checked without training, before any unit runs or any file is written: the model
+        folder, the output folder, the training data, every evaluation and metric set, and every unit's trainer
+        configuration. Raises ValueError / FileNotFoundError naming the field or file."""
+        c = self.cfg
+        if looks_like_local_path(c.model_name_or_path):
+            check_input_path(c.model_name_or_path, "model_name_or_path", must_be_dir=True)
+        inputs = [self.model_path, c.data.path, c.metrics.general_prompts, c.metrics.nll_path]
+        inputs += [s.path for s in c.eval_sets if s.path]
+        check_output_path(c.output_dir, "output_dir", inputs=[p for p in inputs if p])
+
+        def load(where, fn, *args):
+            try:
+                return fn(*args)
+            except (ImportError, RuntimeError) as err:  # e.g. a task that cannot give that many distinct problems
+                raise ValueError(f"{where}: {err}") from None
+
+        load("data", self.train_rows)
+        for s in c.eval_sets:
+            if not load(f"eval.sets[{s.name}]", load_eval_set, s):
+                raise ValueError(f"eval.sets[{s.name}] is empty.")
+        if c.metrics.kl or c.metrics.nll:
+            try:
+                from . import forgetting  # noqa: F401
+            except ImportError as err:
+                raise ValueError(f"metrics.kl / metrics.nll need trl_onpolicy.forgetting ({err}); set them to false "
+                                 "to compare accuracy only.") from None
+        if c.metrics.kl:
+            load("metrics (in-domain KL prompts)", self.prompt_set, "in_domain")
+            load("metrics (general KL prompts)", self.prompt_set, "general")
+        if c.metrics.nll:
+            load("metrics (held-out NLL rows)", self.nll_rows)
+        for unit in self.units():
+            if unit.spec.name != "base":
+                self.trainer_config(unit)
+        self.fingerprints()
+
+    def fingerprints(self) -> dict[str, str]:
+        """Fingerprints shared by every unit: start-model weights, training data, evaluation, metrics."""
+        if not self._fp:
+            c = self.cfg
+            eval_settings = {"config": {k: v for k, v in asdict(c.eval_config).items() if k not in ("progress", "check_workers")},
+                             "sets": [asdict(s) for s in c.eval_sets],
+                             "files": {s.name: data_fingerprint(s.path) for s in c.eval_sets if s.path}}
+            metrics = {"settings": asdict(c.metrics)}
+            if c.metrics.kl:
+                metrics["prompts"] = {w: data_fingerprint(self.prompt_set(w)) for w in ("in_domain", "general")}
+            if c.metrics.nll:
+                metrics["nll_rows"] = data_fingerprint(self.nll_rows())
+            self._fp = {"model": model_fingerprint(self.model_path), "data": data_fingerprint(self.train_rows()),
+                        "eval": settings_fingerprint(eval_settings), "metrics": settings_fingerprint(metrics),
+                        "dtype": c.dtype}
+        return self._fp
+
+    def unit_settings(self, unit: Unit) -> dict:
+        """Every setting of one unit that changes its result (beyond the shared fingerprints)."""
+        c, name = self.cfg, unit.spec.name
+        if name == "base":
+            return {"method": "base", "seed": unit.seed}
+        budget = {k: v for k, v in asdict(c.budget).items() if k not in ("learning_rate", "seed")}
+        settings = {"method": name, "args": unit.spec.args, "learning_rate": unit.lr, "seed": unit.seed, "budget": budget}
+        if name in ("dpo", "simpo"):
+            settings["pairs"] = self.pair_settings()
+        if name.endswith("_hinted"):
+            settings["hinted"] = self.hinted_settings()
+        if name == "idft_online":
+            settings["online"] = c.online
+        if name == "sdft":
+            settings["sdft"] = c.sdft
+        return settings
+
+    def unit_fingerprint(self, unit: Unit) -> dict:
+        return {**self.fingerprints(), "settings": settings_fingerprint(self.unit_settings(unit))}
+
     # ---- cached corpora --------------------------------------------------------------------------------------------
 
+    def _cache_fingerprint(self, **settings) -> dict:
+        fp = self.fingerprints()
+        return {"model": fp["model"], "data": fp["data"], "dtype": fp["dtype"], "settings": settings_fingerprint(settings)}
+
+    def _stale(self, what: str, stored: dict | None, current: dict) -> bool:
+        changed = changed_keys(stored, current)
+        if changed and stored is not None:
+            print(f"[compare] {what} was built from a different {', '.join(changed)}; rebuilding it", flush=True)
+        return bool(changed)
+
+    def pair_settings(self) -> dict:
+        return {"seed": self.cfg.budget.seed, "batch_size": self.cfg.eval_config.batch_size,
+                "max_new_tokens": self.cfg.eval_config.max_new_tokens, **self.cfg.pairs}
+
+    def hinted_settings(self) -> dict:
+        return {"seed": self.cfg.budget.seed, **self.cfg.hinted}
+
+    @_locked("pairs")
     def preference_dataset(self, model, tokenizer):
-        """Pairs from the base model's samples, built once into corpora/pairs (reused by dpo and simpo)."""
+        """Pairs from the base model's samples, built once into corpora/pairs (shared by dpo and simpo, every rate and
+        seed); rebuilt when the model, the data or the pair settings changed."""
         from datasets import load_from_disk
 
         from .preferences import PairConfig, make_preference_dataset
 
         folder = self.out / "corpora" / "pairs"
-        if (folder / "pairs_stats.json").is_file():
+        fp = self._cache_fingerprint(**self.pair_settings())
+        if (folder / "pairs_stats.json").is_file() and not self._stale("corpora/pairs", _read_json(folder / "fingerprint.json"), fp):
             return load_from_disk(str(folder)), json.loads((folder / "pairs_stats.json").read_text())
-        pc = {"seed": self.cfg.budget.seed, "batch_size": self.cfg.eval_config.batch_size,
-              "max_new_tokens": self.cfg.eval_config.max_new_tokens, **self.cfg.pairs}
-        config = PairConfig(**pc)
+        config = PairConfig(**self.pair_settings())
         tmp = folder.with_name(f".pairs.tmp-{os.getpid()}")
         dataset, stats = make_preference_dataset(model, tokenizer, self.train_rows(), config, tmp)
+        write_json_atomic(tmp / "fingerprint.json", fp)
         if folder.exists():
-            import shutil
-
             shutil.rmtree(folder)
         os.replace(tmp, folder)
         return load_from_disk(str(folder)), stats
 
+    @_locked("hinted")
     def hinted_dataset(self, model, tokenizer):
         """The training corpus re-aligned to the base model with Hinted Decoding (trl_onpolicy.realign), cached.
 
@@ -438,19 +927,22 @@ class Comparison:
             raise MethodUnavailable(f"Hinted-Decoding methods need trl_onpolicy.realign, which is not available ({err}).") from err
         from datasets import Dataset
 
-        settings = dict(self.cfg.hinted)
+        settings = self.hinted_settings()
         fallback = settings.pop("fallback", "reference")
-        if fallback not in ("reference", "drop"):
-            raise ValueError(f"hinted.fallback={fallback!r}; use 'reference' or 'drop'.")
         folder = self.out / "corpora" / "hinted"
         summary_path = folder / "summary.json"
+        fp_path = self.out / "corpora" / "hinted_fingerprint.json"
+        fp = self._cache_fingerprint(**settings)
         rows = self.train_rows()
-        if not summary_path.is_file():
+        if not summary_path.is_file() or self._stale("corpora/hinted", _read_json(fp_path), fp):
+            if folder.exists():
+                shutil.rmtree(folder)
             settings = {"model_name_or_path": str(self.model_path), "dataset_name": "compare:train", "output_dir": str(folder),
-                        "seed": self.cfg.budget.seed, **settings}
+                        **settings}
             config = RealignConfig(**settings)
             data = Dataset.from_list([{k: r[k] for k in ("prompt", "question", "solution", "answer") if k in r} for r in rows])
             realign_dataset(model, tokenizer, data, config, progress=self.progress)
+            write_json_atomic(fp_path, fp)
         summary = json.loads(summary_path.read_text())
         records = {}
         for shard in sorted((folder / "shards").glob("*.jsonl")):
@@ -471,13 +963,16 @@ class Comparison:
         summary = {**summary, "fallback": fallback, "num_realigned_used": kept, "num_reference_used": len(out) - kept}
         return Dataset.from_list(out), summary
 
+    @_locked(lambda name, *_: f"phi_{name}")
     def corpus_phi(self, name: str, dataset, model, tokenizer) -> dict | None:
         """Mean phi (DDT) of a training corpus under the base model, cached in corpora/phi_<name>.json."""
         if not self.cfg.phi.get("enabled", True):
             return None
         path = self.out / "corpora" / f"phi_{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        fp = self._cache_fingerprint(corpus=data_fingerprint(dataset), phi=self.cfg.phi, max_length=self.cfg.budget.max_length)
+        cached = _read_json(path)
+        if cached is not None and not self._stale(f"corpora/phi_{name}.json", cached.get("fingerprint"), fp):
+            return cached
         n = min(len(dataset), int(self.cfg.phi.get("max_samples") or len(dataset)))
         subset = dataset.select(range(n)) if hasattr(dataset, "select") else dataset[:n]
         from .ddt import score_dataset
@@ -487,27 +982,96 @@ class Comparison:
                                desc=f"DDT phi ({name})")
         s = result.summary
         info = {"mean_phi": s.get("mean_phi"), "std_phi": s.get("std_phi"), "num_tokens": s.get("num_tokens"),
-                "num_samples": s.get("num_samples"), "source": "trl_onpolicy.ddt.score_dataset"}
+                "num_samples": s.get("num_samples"), "source": "trl_onpolicy.ddt.score_dataset", "fingerprint": fp}
         write_json_atomic(path, info)
         return info
 
+    @_locked(lambda which, *_: f"base_samples_{which}")
+    def base_samples(self, which: str, base_model=None, tokenizer=None) -> list:
+        """The base model's temperature-1 samples (token ids) for one KL prompt set: generated once per study into
+        ``corpora/base_samples_<which>.json`` with the fingerprint of the model, the prompts and the sampling settings,
+        and regenerated when any of them changed."""
+        from . import forgetting
+
+        m = self.cfg.metrics
+        prompts = self.prompt_set(which)
+        path = self.out / "corpora" / f"base_samples_{which}.json"
+        fp = self._cache_fingerprint(prompts=data_fingerprint(prompts), max_new_tokens=m.kl_max_new_tokens,
+                                     seed=m.sample_seed, temperature=1.0)
+        cached = _read_json(path)
+        if cached is not None and not self._stale(f"corpora/base_samples_{which}.json", cached.get("fingerprint"), fp):
+            return cached["responses"]
+        own = base_model is None
+        if own:
+            base_model, tokenizer = self.load_base()
+        start = time.perf_counter()
+        responses = forgetting.sample_base_responses(base_model, tokenizer, prompts, max_new_tokens=m.kl_max_new_tokens,
+                                                     seed=m.sample_seed, batch_size=m.batch_size, progress=self.progress)
+        responses = [[int(t) for t in r] for r in responses]
+        write_json_atomic(path, {"fingerprint": fp, "num_prompts": len(prompts), "seconds": time.perf_counter() - start,
+                                 "responses": responses})
+        if own:
+            del base_model
+        return responses
+
+    # ---- metrics ---------------------------------------------------------------------------------------------------
+
+    def measure(self, model, tokenizer, is_base: bool) -> dict:
+        """KL(base || model) on the in-domain and general prompt sets and the held-out NLL (forward passes only)."""
+        m = self.cfg.metrics
+        out: dict[str, Any] = {}
+        if not (m.kl or m.nll):
+            return out
+        from . import forgetting
+
+        start = time.perf_counter()
+        if m.kl:
+            base_model = None if is_base else self.load_base()[0]
+            for which in ("in_domain", "general"):
+                responses = self.base_samples(which, model if is_base else base_model, tokenizer)
+                if is_base:  # KL of a model to itself is 0 exactly; no forward pass needed
+                    n = len(responses)
+                    out[f"kl_{which}"] = {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "num_prompts": n}
+                    continue
+                if which not in self._base_hidden:
+                    self._base_hidden[which] = forgetting.base_hidden_states(
+                        base_model, tokenizer, self.prompt_set(which), responses, batch_size=m.batch_size,
+                        progress=self.progress)
+                r = forgetting.kl_to_base(base_model, model, tokenizer, self.prompt_set(which), responses,
+                                          batch_size=m.batch_size, base_hidden=self._base_hidden[which],
+                                          progress=self.progress)
+                out[f"kl_{which}"] = _metric_record(r)
+            del base_model
+        if m.nll:
+            out["heldout_nll"] = _metric_record(forgetting.heldout_nll(model, tokenizer, self.nll_rows(), batch_size=m.batch_size,
+                                                                       progress=self.progress))
+        out["metrics_seconds"] = time.perf_counter() - start
+        return out
+
     # ---- training --------------------------------------------------------------------------------------------------
 
-    def common_args(self, spec: MethodSpec) -> dict:
+    def unit_dir(self, unit: Unit) -> Path:
+        base = self.out / "methods" / unit.spec.label
+        return base if unit.spec.name == "base" and unit.seed is None else base / unit.folder_name
+
+    def result_path(self, unit: Unit) -> Path:
+        return self.unit_dir(unit) / "result.json"
+
+    def common_args(self, unit: Unit) -> dict:
         b = self.cfg.budget
         return dict(
-            output_dir=str(self.out / "methods" / spec.label / "trainer"),
+            output_dir=str(self.unit_dir(unit) / "trainer"),
             max_steps=b.max_steps,
             per_device_train_batch_size=b.per_device_train_batch_size,
             gradient_accumulation_steps=b.gradient_accumulation_steps,
-            learning_rate=b.learning_rate,
+            learning_rate=unit.lr,
             lr_scheduler_type=b.lr_scheduler_type,
             warmup_steps=b.warmup_steps,
             weight_decay=b.weight_decay,
             max_grad_norm=b.max_grad_norm,
             gradient_checkpointing=b.gradient_checkpointing,
-            seed=b.seed,
-            data_seed=b.seed,
+            seed=unit.seed,
+            data_seed=unit.seed,
             logging_steps=1,
             save_strategy="no",
             report_to=[],
@@ -516,13 +1080,64 @@ class Comparison:
             **({"use_cpu": True, "bf16": False} if self.device == "cpu" else {}),
         )
 
-    def train(self, spec: MethodSpec, model, tokenizer) -> dict:
-        """Train ``model`` in place with ``spec``'s method; returns training facts (steps, tokens, seconds, logs)."""
-        name = spec.name
-        args = {**self.common_args(spec), **spec.args}
+    def trainer_config(self, unit: Unit):
+        """The trainer configuration of a unit (built during validation too, so a bad ``args`` value fails before any
+        training). ``sdft`` returns its argument mapping (its wrapper builds the config)."""
+        name = unit.spec.name
+        args = {**self.common_args(unit), **unit.spec.args}
+        where = f"methods[{unit.spec.label}].args"
+        try:
+            if name in TOKEN_LOSS or name == "idft_online":
+                from .idft_config import IDFTConfig
+
+                args.setdefault("token_loss", TOKEN_LOSS.get(name, "idft"))
+                if name == "idft_online":
+                    args.setdefault("remove_unused_columns", False)
+                return IDFTConfig(max_length=self.cfg.budget.max_length, **args)
+            if name == "dpo":
+                from trl import DPOConfig
+
+                return DPOConfig(max_length=self.cfg.budget.max_length, **args)
+            if name == "simpo":
+                os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+                try:
+                    from trl.experimental.cpo import CPOConfig
+                except ImportError:
+                    return None  # reported as unavailable when the unit runs
+                args.setdefault("loss_type", "simpo")
+                args.setdefault("cpo_alpha", 0.0)
+                return CPOConfig(max_length=self.cfg.budget.max_length, **args)
+            if name == "sdft":
+                try:
+                    from . import sdft
+                except ImportError:
+                    return None  # reported as unavailable when the unit runs
+                output_dir = args.pop("output_dir")
+                args = {"max_completion_length": self.cfg.budget.max_length, **self.cfg.sdft, **args}
+                sdft.sdft_config(output_dir, args)  # SDFTConfig checks the values now, before any training
+                return args
+        except TypeError as err:  # an unknown keyword
+            raise ValueError(f"{where}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        raise ValueError(name)  # pragma: no cover - MethodSpec validates names
+
+    def train(self, unit: Unit, model, tokenizer) -> tuple[dict, Any]:
+        """Train ``model`` with the unit's method; returns training facts (steps, tokens, seconds, logs) and the model."""
+        name = unit.spec.name
         info: dict[str, Any] = {}
-        if name in ("sft", "dft", "eaft", "idft", "sft_hinted", "idft_hinted"):
-            from .idft_config import IDFTConfig
+        config = self.trainer_config(unit)
+        if name == "sdft":
+            try:
+                from . import sdft
+            except ImportError as err:
+                raise MethodUnavailable(f"sdft needs trl_onpolicy.sdft, which is not available ({err}).") from err
+            rows = self.train_rows()
+            info.update(corpus="reference", num_train_samples=len(rows))
+            info["train_phi"] = self.corpus_phi("reference", self.sft_dataset(), model, tokenizer)
+            info["train_phi_note"] = "phi of the reference solutions, SDFT's privileged context (it trains on its own samples)"
+            trainer = sdft.build_sdft_trainer(model, tokenizer, rows, config, self.unit_dir(unit) / "trainer")
+        elif name in ("sft", "dft", "eaft", "idft", "sft_hinted", "idft_hinted"):
             from .idft_trainer import IDFTTrainer
 
             if name.endswith("_hinted"):
@@ -533,16 +1148,13 @@ class Comparison:
                 dataset = self.sft_dataset()
                 info["corpus"] = "reference"
             info["train_phi"] = self.corpus_phi(info["corpus"], dataset, model, tokenizer)
-            args.setdefault("token_loss", TOKEN_LOSS[name])
-            config = IDFTConfig(max_length=self.cfg.budget.max_length, **args)
             trainer = IDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
             info["num_train_samples"] = len(dataset)
         elif name == "idft_online":
-            trainer, n = self._online_trainer(spec, model, tokenizer, args)
+            trainer, n = self._online_trainer(config, model, tokenizer)
             info["corpus"] = "online"
             info["num_train_samples"] = n
-            ref = self.sft_dataset()
-            info["train_phi"] = self.corpus_phi("reference", ref, model, tokenizer)
+            info["train_phi"] = self.corpus_phi("reference", self.sft_dataset(), model, tokenizer)
             info["train_phi_note"] = "phi of the reference corpus the online re-alignment starts from"
         elif name in ("dpo", "simpo"):
             pairs, stats = self.preference_dataset(model, tokenizer)
@@ -554,22 +1166,17 @@ class Comparison:
             info["train_phi"] = self.corpus_phi("pairs_chosen", chosen, model, tokenizer)
             info["rejected_phi"] = self.corpus_phi("pairs_rejected", rejected, model, tokenizer)
             if name == "dpo":
-                from trl import DPOConfig, DPOTrainer
+                from trl import DPOTrainer
 
-                config = DPOConfig(max_length=self.cfg.budget.max_length, **args)
                 ref_model = copy.deepcopy(model).eval()
                 for p in ref_model.parameters():
                     p.requires_grad_(False)
                 trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=pairs, processing_class=tokenizer)
             else:
-                os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
                 try:
-                    from trl.experimental.cpo import CPOConfig, CPOTrainer
+                    from trl.experimental.cpo import CPOTrainer
                 except ImportError as err:
                     raise MethodUnavailable(f"SimPO needs trl.experimental.cpo (TRL >= 1.x): {err}") from err
-                args.setdefault("loss_type", "simpo")
-                args.setdefault("cpo_alpha", 0.0)
-                config = CPOConfig(max_length=self.cfg.budget.max_length, **args)
                 trainer = CPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer)
         else:  # pragma: no cover - MethodSpec validates names
             raise ValueError(name)
@@ -582,12 +1189,12 @@ class Comparison:
         info["tokens_trained"] = counter["tokens"]
         info["train_loss"] = output.training_loss
         info["log_history"] = trainer.state.log_history
-        trained = trainer.model
+        trained = trainer.accelerator.unwrap_model(trainer.model)
         trained.eval()
         del trainer
         return info, trained
 
-    def _online_trainer(self, spec, model, tokenizer, args):
+    def _online_trainer(self, config, model, tokenizer):
         try:
             from . import hinted_online
         except ImportError as err:
@@ -597,53 +1204,67 @@ class Comparison:
             raise MethodUnavailable("idft_online needs trl_onpolicy.hinted_online.OnlineIDFTTrainer, which is not available.")
         from datasets import Dataset
 
-        from .idft_config import IDFTConfig
-
         rows = self.train_rows()
         dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "completion", "question", "solution", "answer") if k in r} for r in rows])
-        args.setdefault("token_loss", "idft")
-        args.setdefault("remove_unused_columns", False)
-        config = IDFTConfig(max_length=self.cfg.budget.max_length, **args)
         trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                               hinted_collator_kwargs=dict(self.cfg.online) or None)
         return trainer, len(dataset)
 
-    # ---- one method ------------------------------------------------------------------------------------------------
+    # ---- one unit ------------------------------------------------------------------------------------------------
 
-    def result_path(self, spec: MethodSpec) -> Path:
-        return self.out / "methods" / spec.label / "result.json"
+    def units(self) -> list[Unit]:
+        """Every unit of the sweep, seed by seed (a sweep cut short has whole seeds of every method first); base
+        first, once (per seed only when evaluation samples)."""
+        c = self.cfg
+        units: list[Unit] = []
+        sampled_eval = c.eval_config.temperature > 0
+        for spec in c.method_specs:
+            if spec.name == "base":
+                units += [Unit(spec, None, s) for s in c.seeds_of(spec)] if sampled_eval else [Unit(spec, None, None)]
+        seeds = []
+        for spec in c.method_specs:
+            seeds += [s for s in c.seeds_of(spec) if s not in seeds]
+        for seed in seeds:
+            for spec in c.method_specs:
+                if spec.name != "base" and seed in c.seeds_of(spec):
+                    units += [Unit(spec, lr, seed) for lr in c.rates_of(spec)]
+        return units
 
-    def run_method(self, spec: MethodSpec) -> dict:
-        """Train (unless base) and evaluate one method; always returns a result dict (failures included)."""
-        result: dict[str, Any] = {"label": spec.label, "method": spec.name, "args": spec.args, "status": "running"}
+    def run_unit(self, unit: Unit) -> dict:
+        """Train (unless base), evaluate and measure one unit; always returns a result dict (failures included)."""
+        spec = unit.spec
+        result: dict[str, Any] = {"key": unit.key, "label": spec.label, "method": spec.name, "args": spec.args,
+                                  "learning_rate": unit.lr, "seed": unit.seed, "status": "running"}
         start = time.perf_counter()
         try:
             with PeakMemory() as mem:
                 model, tokenizer = self.load_base()
-                torch.manual_seed(self.cfg.budget.seed)
+                torch.manual_seed(unit.seed if unit.seed is not None else self.cfg.budget.seed)
                 if spec.name != "base":
-                    info, model = self.train(spec, model, tokenizer)
+                    info, model = self.train(unit, model, tokenizer)
                     result.update(info)
                 else:
                     result.update(steps=0, tokens_trained=0, train_seconds=0.0, corpus=None)
                     result["train_phi"] = self.corpus_phi("reference", self.sft_dataset(), model, tokenizer)
                 eval_start = time.perf_counter()
-                result["eval"] = evaluate(model, tokenizer, self.cfg.eval_sets, self.cfg.eval_config,
-                                          self.out / "methods" / spec.label / "eval")
+                eval_config = self.cfg.eval_config
+                if unit.seed is not None and eval_config.temperature > 0:
+                    eval_config = dataclasses.replace(eval_config, seed=unit.seed)
+                result["eval"] = evaluate(model, tokenizer, self.cfg.eval_sets, eval_config, self.unit_dir(unit) / "eval")
                 result["eval_seconds"] = time.perf_counter() - eval_start
+                result["metrics"] = self.measure(model, tokenizer, is_base=spec.name == "base")
                 del model
-                gc.collect()
             result["status"] = "ok"
             result["peak_rss_mib"] = mem.peak_rss_mib
             result["peak_cuda_mib"] = mem.peak_cuda_mib
         except MethodUnavailable as err:
             result.update(status="unavailable", error=str(err))
-        except Exception as err:  # a crash in one method must not stop the others
+        except Exception as err:  # a crash in one unit must not stop the others
             result.update(status="failed", error=f"{type(err).__name__}: {err}",
                           traceback=traceback.format_exc(limit=20)[-4000:])
         result["wall_seconds"] = time.perf_counter() - start
         result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        gc.collect()
+        gc.collect()  # once per unit: frees the trained model's reference cycles (each call costs ~1 s on a large heap)
         return result
 
     # ---- the whole run ---------------------------------------------------------------------------------------------
@@ -652,167 +1273,93 @@ class Comparison:
         if self.cfg.num_threads:
             # on a shared CPU one thread per process is often several times faster than oversubscribed threads
             torch.set_num_threads(int(self.cfg.num_threads))
+        self.validate()  # raises before anything is trained or written
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.out / "config.json", self.config_dict())
-        results = {}
-        for spec in self.cfg.method_specs:
-            path = self.result_path(spec)
-            if path.is_file():
-                previous = json.loads(path.read_text())
-                if previous.get("status") == "ok" or not self.cfg.rerun_failed:
-                    print(f"[compare] {spec.label}: already done ({previous.get('status')}), skipping", flush=True)
-                    results[spec.label] = previous
+        units = self.units()
+        index, count = self.cfg.shard_index
+        results: dict[str, dict] = {}
+        for i, unit in enumerate(units, 1):
+            path = self.result_path(unit)
+            fp = self.unit_fingerprint(unit)
+            settings = self.unit_settings(unit)
+            previous = _read_json(path) if path.is_file() else None
+            tag = f"[compare] ({i}/{len(units)}) {unit.key}"
+            if (i - 1) % count != index:  # another shard's unit: reported when it has finished under this config
+                if previous is not None and previous.get("status") == "ok" and not changed_keys(previous.get("fingerprint"), fp):
+                    results[unit.key] = previous
+                continue
+            if previous is not None:
+                changed = changed_keys(previous.get("fingerprint"), fp)
+                if previous.get("fingerprint") is None:
+                    print(f"{tag}: the stored result has no fingerprint (an older compare wrote it); recomputing it", flush=True)
+                elif changed:
+                    detail = _changed_settings(previous.get("settings") or {}, settings) if "settings" in changed else []
+                    what = ", ".join(changed) + (f" ({', '.join(detail)})" if detail else "")
+                    print(f"{tag}: the stored result was produced from a different {what}; recomputing it", flush=True)
+                elif previous.get("status") == "ok" or not self.cfg.rerun_failed:
+                    print(f"{tag}: already done ({previous.get('status')}), skipping", flush=True)
+                    results[unit.key] = previous
                     continue
-            print(f"[compare] {spec.label}: running", flush=True)
-            result = self.run_method(spec)
+            print(f"{tag}: running", flush=True)
+            result = self.run_unit(unit)
+            result["fingerprint"] = fp
+            result["settings"] = settings
             write_json_atomic(path, result)
-            results[spec.label] = result
+            results[unit.key] = result
             msg = result.get("error", "")
-            print(f"[compare] {spec.label}: {result['status']} in {result['wall_seconds']:.0f} s {msg}".rstrip(), flush=True)
-            self.report(results)
+            print(f"{tag}: {result['status']} in {result['wall_seconds']:.0f} s {msg}".rstrip(), flush=True)
+            self.report(results, plots=False)  # tables after every unit; plots at the end
         return self.report(results)
 
     def config_dict(self) -> dict:
         c = self.cfg
         return {
             "model_name_or_path": c.model_name_or_path, "output_dir": c.output_dir, "data": asdict(c.data),
-            "budget": asdict(c.budget), "eval": {"sets": [asdict(s) for s in c.eval_sets], **asdict(c.eval_config)},
+            "budget": asdict(c.budget), "sweep": asdict(c.sweep), "metrics": asdict(c.metrics),
+            "eval": {"sets": [asdict(s) for s in c.eval_sets], **asdict(c.eval_config)},
             "methods": [asdict(m) for m in c.method_specs], "pairs": c.pairs, "hinted": c.hinted, "online": c.online,
-            "phi": c.phi, "dtype": c.dtype,
+            "sdft": c.sdft, "phi": c.phi, "dtype": c.dtype, "fingerprint": self._fp,
         }
 
-    def report(self, results: dict) -> dict:
-        summary = summarize(results, self.cfg.eval_sets)
-        payload = {"config": self.config_dict(), "methods": summary}
-        write_json_atomic(self.out / "results.json", payload)
-        (self.out / "results.md").write_text(results_markdown(summary, self.cfg.eval_sets, self.cfg.title))
-        try:
-            plot_results(summary, self.cfg.eval_sets, self.out / "compare_accuracy.png", self.cfg.title)
-        except Exception as err:  # a missing plotting backend must not lose the numbers
-            print(f"[compare] plot skipped: {err}", file=sys.stderr)
-        return payload
+    def report(self, results: dict, plots: bool = True) -> dict:
+        from .compare_report import write_report
+
+        return write_report(results, self.cfg, self.out, self.config_dict(), plots=plots)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Reporting
-# ----------------------------------------------------------------------------------------------------------------------
+def _text_of(content) -> str:
+    """The text of a completion: a string, or the contents of chat messages."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content.strip()
+    if isinstance(content, list):
+        return "".join(str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in content).strip()
+    return str(content).strip()
 
 
-def summarize(results: dict, sets: list[EvalSet]) -> dict:
-    """Per method: status, accuracy (and CI) per set, mean over sets, change vs base on retention sets, and cost."""
-    base = next((r for r in results.values() if r.get("method") == "base" and r.get("status") == "ok"), None)
-    out = {}
-    for label, r in results.items():
-        row = {k: r.get(k) for k in ("method", "status", "error", "steps", "tokens_trained", "train_seconds",
-                                     "eval_seconds", "wall_seconds", "peak_rss_mib", "peak_cuda_mib", "num_train_samples",
-                                     "corpus", "args")}
-        row["train_phi"] = (r.get("train_phi") or {}).get("mean_phi")
-        row["rejected_phi"] = (r.get("rejected_phi") or {}).get("mean_phi")
-        if r.get("pairs"):
-            row["pairs"] = r["pairs"]
-        if r.get("hinted_summary"):
-            row["hinted"] = r["hinted_summary"]
-        ev = r.get("eval") or {}
-        row["sets"] = {s.name: {k: ev[s.name][k] for k in ("accuracy", "ci_low", "ci_high", "num_prompts", "k", "ci_method")}
-                       for s in sets if s.name in ev}
-        accs = [row["sets"][s.name]["accuracy"] for s in sets if s.name in row["sets"]]
-        row["mean_accuracy"] = sum(accs) / len(accs) if accs and len(accs) == len(sets) else None
-        if base is not None and ev:
-            row["change_vs_base"] = {
-                s.name: ev[s.name]["accuracy"] - base["eval"][s.name]["accuracy"]
-                for s in sets if s.name in ev and s.name in base.get("eval", {})
-            }
-            ret = [row["change_vs_base"][s.name] for s in sets if s.role == "retention" and s.name in row["change_vs_base"]]
-            row["retention_change"] = sum(ret) / len(ret) if ret else None
-        else:
-            row["change_vs_base"], row["retention_change"] = {}, None
-        out[label] = row
+def _metric_record(r: dict) -> dict:
+    """A `trl_onpolicy.forgetting` result as stored in a unit: ``mean`` (its token-weighted headline value, ``kl`` or
+    ``nll``), the interval, counts, and the per-prompt values (None for a prompt without tokens)."""
+    out = {k: (float(v) if isinstance(v, float) else v) for k, v in r.items()
+           if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    out["mean"] = float(r["mean"] if "mean" in r else r["kl"] if "kl" in r else r["nll"])
+    if "per_prompt" in r:
+        out["per_prompt"] = [None if x is None else float(x) for x in r["per_prompt"]]
     return out
 
 
-def _pct(x):
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def results_markdown(summary: dict, sets: list[EvalSet], title: str | None = None) -> str:
-    lines = [f"# {title or 'Method comparison'}", ""]
-    head = ["method", "status"] + [f"{s.name} ({s.role}) % [95% CI]" for s in sets]
-    head += ["mean %", "retention Δ vs base (pts)", "train phi (base)", "steps", "tokens trained", "train s", "wall s", "peak RSS MiB"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    for label, r in summary.items():
-        cells = [label, r["status"]]
-        for s in sets:
-            m = r["sets"].get(s.name)
-            cells.append(f"{_pct(m['accuracy'])} [{_pct(m['ci_low'])}, {_pct(m['ci_high'])}]" if m else "–")
-        rc = r.get("retention_change")
-        cells += [
-            _pct(r.get("mean_accuracy")),
-            "–" if rc is None else f"{100 * rc:+.1f}",
-            "–" if r.get("train_phi") is None else f"{r['train_phi']:.3f}",
-            str(r.get("steps") if r.get("steps") is not None else "–"),
-            str(r.get("tokens_trained") if r.get("tokens_trained") is not None else "–"),
-            "–" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}",
-            "–" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}",
-            "–" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    notes = [(label, r) for label, r in summary.items() if r["status"] != "ok"]
-    if notes:
-        lines += ["Methods that did not finish:", ""]
-        lines += [f"- `{label}` ({r['status']}): {r.get('error')}" for label, r in notes]
-        lines.append("")
-    pairs = next((r["pairs"] for r in summary.values() if r.get("pairs")), None)
-    if pairs:
-        lines += ["Preference pairs (DPO/SimPO): " + ", ".join(f"{k}={v}" for k, v in pairs.items()), ""]
-    hinted = next((r["hinted"] for r in summary.values() if r.get("hinted")), None)
-    if hinted:
-        keys = ("num_samples", "num_kept", "accuracy", "fallback", "num_realigned_used", "num_reference_used")
-        lines += ["Hinted-Decoding corpus: " + ", ".join(f"{k}={hinted.get(k)}" for k in keys if k in hinted), ""]
-    lines += [
-        "Accuracy: greedy pass@1 with a Wilson 95% interval (avg@k: normal interval over per-prompt scores). "
-        "Retention Δ: mean change of the retention sets' accuracy vs `base`, in points. Train phi: mean DDT phi "
-        "(log p + H) of the method's training responses under the base model (0 = on-policy). Peak RSS: the whole "
-        "process, sampled, so it includes the evaluation and the base model loaded for it.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot_results(summary: dict, sets: list[EvalSet], path: str | Path, title: str | None = None) -> None:
-    """Grouped bar chart: one group per evaluation set, one bar per method, 95% interval as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [label for label, r in summary.items() if r["status"] == "ok"]
-    if not labels:
-        return
-    width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets) + 0.4 * len(labels)), 4))
-    for j, label in enumerate(labels):
-        r = summary[label]
-        xs, ys, lo, hi = [], [], [], []
-        for i, s in enumerate(sets):
-            m = r["sets"].get(s.name)
-            if m is None:
-                continue
-            xs.append(i - 0.4 + width * (j + 0.5))
-            ys.append(100 * m["accuracy"])
-            lo.append(100 * (m["accuracy"] - m["ci_low"]))
-            hi.append(100 * (m["ci_high"] - m["accuracy"]))
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=label)
-    ax.set_xticks(range(len(sets)))
-    ax.set_xticklabels([f"{s.name}\n({s.role})" for s in sets])
-    ax.set_ylabel("accuracy % (95% CI)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title or "Method comparison")
-    ax.legend(fontsize=8, ncol=min(len(labels), 5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two unit settings mappings."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -843,19 +1390,24 @@ def _parse_overrides(rest: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a comparison; exit status 0 when every unit finished, 1 when any failed or was unavailable (bad input
+    raises ValueError/FileNotFoundError before any work: `trl_onpolicy.cli` turns that into exit status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or "--config" not in argv:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     i = argv.index("--config")
+    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        raise ValueError("--config needs the path of a compare recipe (YAML).")
     path = argv[i + 1]
     rest = argv[:i] + argv[i + 2 :]
     config = load_config_file(path, _parse_overrides(rest))
     payload = Comparison(config).run()
     print((Path(config.output_dir) / "results.md").read_text())
-    failed = [label for label, r in payload["methods"].items() if r["status"] != "ok"]
+    failed = [key for key, r in payload["units"].items() if r.get("status") != "ok"]
     if failed:
-        print(f"[compare] methods that did not finish: {failed} (see results.md)", file=sys.stderr)
+        print(f"[compare] {len(failed)} unit(s) did not finish: {failed} (see results.md); exit status 1", file=sys.stderr)
+        return 1
     return 0
 
 
