@@ -434,7 +434,8 @@ def test_splitter_watch_finds_the_same_first_step_as_a_full_decode(tiny_tokenize
         watch = SplitterWatch(tok, splitter)
         for stream in splitter_streams(tok, rng):
             tokens = torch.tensor([stream])
-            found = next((t + 1 for t in range(len(stream)) if watch.hits(tokens, torch.tensor([0]), t)[0]), None)
+            found = next((t + 1 for t in range(len(stream))
+                          if watch.may_end(tokens[0, t : t + 1])[0] and watch.hits(tokens, torch.tensor([0]), t)[0]), None)
             assert found == first_split(tok, stream, splitter), (splitter, stream)
             checked += found is not None
     assert checked >= 12

@@ -251,24 +251,51 @@ class RepetitionGuard:
 
 
 class SplitterWatch:
-    """Detects the first time ``splitter`` appears in a sample's decoded output by decoding only the last few
-    tokens, in constant work per step.
+    """Detects the first time ``splitter`` appears in a sample's decoded output, in constant work per step.
 
-    A first occurrence must end in the newest token, and it spans at most ``len(splitter.encode())`` tokens when
-    every token decodes to at least one byte (byte-level BPE, SentencePiece with byte fallback). The tail decoded
-    here is that many tokens plus a margin, so a multi-byte character cut at the start of the tail (shown as
-    U+FFFD) or a decoder's leading-space rule there stays clear of the occurrence: checking the tail finds the
-    splitter at the same step as checking the whole decoded output."""
+    A first occurrence must end in the newest token. Two cheap facts are used:
+
+    - the newest token can end an occurrence only if the text it adds holds the splitter's last character, or a
+      U+FFFD (it cuts or completes a multi-byte character). What a token adds is read once per token id, after a
+      fixed anchor token, and cached (`may_end`); tokens that cannot end an occurrence cost one tensor lookup;
+    - an occurrence spans at most ``len(splitter.encode())`` tokens when every token decodes to at least one byte
+      (byte-level BPE, SentencePiece with byte fallback). For the other rows only the last that many tokens plus a
+      margin are decoded (`hits`), so a multi-byte character cut at the start of the tail (shown as U+FFFD) or a
+      decoder's leading-space rule there stays clear of the occurrence.
+
+    Both together find the splitter at the same step as searching the whole decoded output after every token."""
 
     MARGIN = 8
 
     def __init__(self, tokenizer, splitter: str):
         self.tokenizer, self.splitter = tokenizer, splitter
         self.tail = len(splitter.encode("utf-8")) + self.MARGIN
+        self.anchor = list(tokenizer("a", add_special_tokens=False)["input_ids"]) or [0]
+        self.anchor_text = tokenizer.decode(self.anchor)
+        self.flags = torch.full((0,), -1, dtype=torch.int8)  # per token id: -1 unknown, 0 cannot end, 1 may end
+
+    def _adds_ending(self, token_id: int) -> bool:
+        text = self.tokenizer.decode(self.anchor + [token_id])
+        if not text.startswith(self.anchor_text):
+            return True
+        added = text[len(self.anchor_text):]
+        return not added or "\ufffd" in added or self.splitter[-1] in added
+
+    def may_end(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Bool tensor over ``new_tokens`` ([R] CPU ids): can this token end an occurrence of the splitter?"""
+        top = int(new_tokens.max()) + 1 if len(new_tokens) else 0
+        if top > len(self.flags):
+            self.flags = torch.cat([self.flags, self.flags.new_full((top - len(self.flags),), -1)])
+        flags = self.flags[new_tokens]
+        if bool((flags < 0).any()):
+            for t in new_tokens[flags < 0].unique().tolist():
+                self.flags[t] = int(self._adds_ending(t))
+            flags = self.flags[new_tokens]
+        return flags > 0
 
     def hits(self, tokens: torch.Tensor, samples: torch.Tensor, step: int) -> list[bool]:
         """For every sample in ``samples`` whose tokens ``0..step`` are in ``tokens``: is the splitter in its decoded
-        output now?"""
+        output now? (Decodes the tail only; call it for the rows whose newest token `may_end` an occurrence.)"""
         lo = max(0, step + 1 - self.tail)
         texts = self.tokenizer.batch_decode(tokens[samples, lo : step + 1].tolist())
         return [self.splitter in text for text in texts]
@@ -685,6 +712,8 @@ def _decode_chunk(model, tokenizer, hinted, plain, *, device, generators, beta, 
         new_split = False
         if watch is not None:
             look = ~done & ~split[active]
+            if bool(look.any()):
+                look &= watch.may_end(chosen)
             if bool(look.any()):
                 candidates = active[look]
                 for s, hit in zip(candidates.tolist(), watch.hits(tokens, candidates, step)):
