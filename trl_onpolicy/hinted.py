@@ -583,6 +583,69 @@ def _plain_dynamic_cache(cache) -> bool:
             and all(type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None for layer in layers))
 
 
+_BUFFERED_LAYER = None
+
+
+def _buffered_layer_class():
+    """A `DynamicLayer` whose keys and values are views of buffers with spare room: appending a token writes one
+    position instead of concatenating (copying) the whole cache, as `DynamicLayer.update` does at every step. The
+    buffers double when full, so the copying is amortised O(1) per token; `batch_select_indices` selects rows of
+    the buffers. The attention sees the same values as with a plain `DynamicLayer`."""
+    global _BUFFERED_LAYER
+    if _BUFFERED_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class BufferedDynamicLayer(DynamicLayer):
+            def _set_views(self):
+                self.keys = self._key_buffer[..., : self._length, :]
+                self.values = self._value_buffer[..., : self._length, :]
+
+            def _reserve(self, capacity: int):
+                def grown(buffer):
+                    new = buffer.new_empty((*buffer.shape[:-2], capacity, buffer.shape[-1]))
+                    new[..., : self._length, :] = buffer[..., : self._length, :]
+                    return new
+
+                self._key_buffer, self._value_buffer = grown(self._key_buffer), grown(self._value_buffer)
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                n, m = self._length, key_states.shape[-2]
+                if n + m > self._key_buffer.shape[-2]:
+                    self._reserve(max(n + m, 2 * self._key_buffer.shape[-2]))
+                self._key_buffer[..., n : n + m, :] = key_states
+                self._value_buffer[..., n : n + m, :] = value_states
+                self._length = n + m
+                self._set_views()
+                return self.keys, self.values
+
+            def batch_select_indices(self, indices):
+                self._key_buffer = self._key_buffer.index_select(0, indices)
+                self._value_buffer = self._value_buffer.index_select(0, indices)
+                self._set_views()
+
+            def crop(self, tokens_to_remove: int) -> None:
+                super().crop(tokens_to_remove)
+                self._length = self.keys.shape[-2]
+
+        _BUFFERED_LAYER = BufferedDynamicLayer
+    return _BUFFERED_LAYER
+
+
+def _use_buffered_layers(cache, room: int) -> None:
+    """Turn the layers of a plain `DynamicCache` into `_buffered_layer_class` layers with ``room`` spare positions
+    (no-op for any other cache)."""
+    if not _plain_dynamic_cache(cache):
+        return
+    cls = _buffered_layer_class()
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values
+        layer.__class__ = cls
+        layer._length = keys.shape[-2]
+        layer._key_buffer, layer._value_buffer = keys, values
+        layer._reserve(keys.shape[-2] + room)
+        layer._set_views()
+
+
 def _separate_prefill(model, hinted, plain, pad_token_id, device, forward_kwargs):
     """Prefill the hinted and the plain prompts in two forwards, each padded only to its own longest prompt, then
     stack the two KV caches (the shorter one left-padded with zeros that the attention mask hides). This avoids
@@ -637,6 +700,7 @@ def _decode_chunk(model, tokenizer, hinted, plain, *, device, generators, beta, 
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
                     **forward_kwargs)
     cache = _cache_of(out)
+    _use_buffered_layers(cache, min(max_new_tokens, 256))
     cache_arg = _cache_argument(model)
     can_prune = hasattr(cache, "batch_select_indices")
     next_pos = torch.tensor([len(p) for p in prompts], device=device)
