@@ -16,6 +16,12 @@ KV cache, left-pads prompts with a proper attention mask and position ids, and a
 of all samples in one forward pass per step (a batch of ``2 * B`` rows). Finished rows (and hinted rows after the
 splitter) are dropped from the cache as they finish.
 
+The loop's own work per step does not grow with the length of the output: the repetition guard is a rolling hash
+with a counter (`RepetitionGuard`), the splitter is looked for in the last few tokens only, and only after tokens
+that can end it (`SplitterWatch`), row bookkeeping lives in index tensors, and the KV cache keeps spare room instead
+of being concatenated at every step. The tokens are the same as recounting and re-decoding the whole output at
+every step (tests/test_hinted.py checks this against a no-cache reference loop).
+
 The small pure functions (`normalized_entropy`, `mixing_lambda`, `mix_log_probs`, `top_p_filter`,
 `select_tokens`, `repetition_counts`) hold the math; `hinted_decode` is the batching loop around them.
 """
