@@ -317,7 +317,9 @@ class ScriptedModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0,
                 **kwargs):
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+        if cache is not None:  # older callers pass the cache as past_key_values, which stays in kwargs
+            kwargs["cache"] = cache
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         k = out.logits.shape[1]
         out.logits = out.logits + self.bonus[input_ids[:, -k:]]
