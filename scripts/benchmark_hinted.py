@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -197,7 +196,6 @@ def sweep_model(name, lengths, args, device, dtype, rounds=None, label=None):
                          tokens_per_s_generate=b * n_new / med_gen, tokens_per_s_hinted=b * n_new / med_hint,
                          ratio=med_gen / med_hint,
                          round_ratios=[g / h for g, h in zip(t_gen, t_hint)]))
-    del model
     return rows
 
 
