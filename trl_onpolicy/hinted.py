@@ -221,13 +221,14 @@ class RepetitionGuard:
 
     Each sample's last ``window`` tokens are summarised by a rolling polynomial hash (two moduli below 2^31, so
     every product fits in int64), updated with one vectorised operation per step; a `collections.Counter` keyed by
-    ``(sample, hash)`` counts how often each window has occurred. Equal windows have equal hashes, so the hashed
+    the hash with the sample index mixed in counts how often each window has occurred. Equal windows have equal hashes, so the hashed
     count is never below the true count; when it reaches ``count`` the row is checked exactly with
     `repetition_counts` (once per stopping sample; a hash collision is then rejected), so the rule is the same as
     recounting the whole prefix at every step."""
 
     _MOD = torch.tensor([2_147_483_647, 2_147_483_629])  # two primes below 2^31
     _BASE = torch.tensor([1_000_003, 1_000_033])
+    _SAMPLE_MIX = 0x5851F42D4C957F2D  # odd 63-bit constant (products wrap in int64)
 
     def __init__(self, num_samples: int, window: int, count: int):
         self.window, self.count = window, count
@@ -246,7 +247,9 @@ class RepetitionGuard:
         self.hash[samples] = h
         if step + 1 < self.window:
             return torch.zeros(len(sample_list), dtype=torch.bool)
-        keys = list(zip(sample_list, ((h[:, 0] << 31) | h[:, 1]).tolist()))
+        # one int per (sample, window): the sample index is mixed into the hash (a clash only raises a count,
+        # which the exact check below catches)
+        keys = (((h[:, 0] << 31) | h[:, 1]) ^ (samples * self._SAMPLE_MIX)).tolist()
         self.seen.update(keys)
         hit = torch.tensor(list(map(self.seen.__getitem__, keys))) >= self.count
         if bool(hit.any()):
