@@ -17,15 +17,24 @@
 
 Every run is forced to the full length (EOS masked), so tokens/s compare equal work. Prints a Markdown table and
 writes JSON with ``--output``.
+
+Length sweep (``--sweep``): `hinted_decode` against `model.generate` only, at every length of ``--lengths``
+(default 256 1024 4096) with the tiny offline model (hidden 64, 2 layers: the forward is cheap, so the decoding
+loop's own host work shows, as it does on a GPU) and at ``--smollm2-lengths`` (default 256) with the embedded
+SmolLM2-135M-Instruct, batch 16, sampling, no EOS. ``--rounds`` A/B rounds are interleaved (the order alternates)
+and the median times give the ratio at each length; the flatness figure is ratio(longest) / ratio(shortest)::
+
+    OMP_NUM_THREADS=1 python scripts/benchmark_hinted.py --sweep --threads 1 --rounds 3 --output sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -70,7 +79,13 @@ def make_prompts(tokenizer, n: int, seed: int = 0):
 
 
 def load_model(name: str, dtype: torch.dtype, device: str):
-    if name == "smollm2":
+    if name == "tiny":
+        from trl_onpolicy.tiny import make_tiny_model
+
+        model, tok = make_tiny_model(seed=0)
+        model.config.max_position_embeddings = 16384
+        model = model.to(dtype)
+    elif name == "smollm2":
         from trl_onpolicy.models import load_smollm2
 
         model, tok = load_smollm2(dtype=dtype)
@@ -87,8 +102,12 @@ def load_model(name: str, dtype: torch.dtype, device: str):
                              pad_token_id=tok.pad_token_id, bos_token_id=None)
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(dtype)
+    elif os.path.isdir(name):  # a converted Hugging Face folder (e.g. SmolLM2 carried to a GPU machine)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tok = AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name)
     else:
-        raise ValueError(f"--model must be smollm2 or random-llama, got {name!r}")
+        raise ValueError(f"--model must be tiny, smollm2, random-llama or a model folder, got {name!r}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
@@ -144,10 +163,88 @@ def authors_step(model, hinted_prefix, plain_prefix, args, generator, device):
     return int(select_tokens(log_m[None], temperature=args.temperature, top_p=args.top_p, generators=generator)[0])
 
 
+def sweep_model(name, lengths, args, device, dtype, rounds=None, label=None):
+    """Interleaved A/B rounds of generate and hinted_decode at every length; one row per length. ``name``: see
+    `load_model`; ``rounds``: default ``args.rounds``; ``label``: the model's name in the rows (default ``name``)."""
+    rounds = rounds or args.rounds
+    model, tok = load_model(name, dtype, device)
+    name = label or name
+    hinted, plain = make_prompts(tok, args.batch_size, args.seed)
+    b = args.batch_size
+    run_hinted(model, tok, hinted[:2], plain[:2], 4, args)  # warm-up
+    run_generate(model, tok, hinted[:2], 4, args, device)
+    rows = []
+    for n_new in lengths:
+        t_gen, t_hint = [], []
+        for rnd in range(rounds):
+            order = ["generate", "hinted"] if rnd % 2 == 0 else ["hinted", "generate"]
+            for which in order:
+                if which == "generate":
+                    out, dt = timed(lambda: run_generate(model, tok, hinted, n_new, args, device), device)
+                    assert out.shape == (b, n_new), out.shape
+                    t_gen.append(dt)
+                else:
+                    res, dt = timed(lambda: run_hinted(model, tok, hinted, plain, n_new, args), device)
+                    assert all(len(r.token_ids) == n_new and r.finish_reason == "length" for r in res)
+                    t_hint.append(dt)
+                print(f"  {name} {n_new:>5} tokens round {rnd}: {which} {dt:.2f} s ({b * n_new / dt:.0f} tok/s)",
+                      flush=True)
+        med_gen, med_hint = statistics.median(t_gen), statistics.median(t_hint)
+        rows.append(dict(model=name, new_tokens=n_new, batch_size=b, rounds=rounds,
+                         seconds_generate=t_gen, seconds_hinted=t_hint,
+                         median_seconds_generate=med_gen, median_seconds_hinted=med_hint,
+                         tokens_per_s_generate=b * n_new / med_gen, tokens_per_s_hinted=b * n_new / med_hint,
+                         ratio=med_gen / med_hint,
+                         round_ratios=[g / h for g, h in zip(t_gen, t_hint)]))
+    return rows
+
+
+@torch.no_grad()
+def sweep(args, argv):
+    device, dtype = args.device, getattr(torch, args.dtype)
+    rows = []
+    if args.lengths:
+        rows += sweep_model("tiny", args.lengths, args, device, dtype)
+    if args.smollm2_lengths:
+        rows += sweep_model("smollm2", args.smollm2_lengths, args, device, dtype, rounds=args.smollm2_rounds)
+    summary = {}
+    for name in ("tiny", "smollm2"):
+        mine = [r for r in rows if r["model"] == name]
+        if len(mine) > 1:
+            summary[f"{name}_flatness"] = mine[-1]["ratio"] / mine[0]["ratio"]
+    report = dict(
+        command="python scripts/benchmark_hinted.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} torch threads; {device}",
+        load_average=os.getloadavg(), torch=torch.__version__, dtype=args.dtype,
+        clock="wall" if str(device).startswith("cuda") else "process CPU time",
+        rows=rows, **summary,
+    )
+    print()
+    print("| model | new tokens | generate tok/s | hinted_decode tok/s | ratio (median of rounds) | per-round ratios |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['new_tokens']} | {r['tokens_per_s_generate']:.1f} | {r['tokens_per_s_hinted']:.1f} | "
+              f"**{r['ratio']:.2f}x** | {', '.join(f'{x:.2f}' for x in r['round_ratios'])} |")
+    for key, value in summary.items():
+        print(f"{key} = ratio at the longest / ratio at the shortest length = {value:.2f} (target >= 0.8)")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
 @torch.no_grad()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "random-llama"])
+    ap.add_argument("--model", default="smollm2", help="smollm2 | random-llama | tiny | a model folder")
+    ap.add_argument("--sweep", action="store_true", help="length sweep against generate only (see above)")
+    ap.add_argument("--lengths", type=int, nargs="*", default=[256, 1024, 4096],
+                    help="--sweep: new-token lengths for the tiny model (none: skip it)")
+    ap.add_argument("--smollm2-lengths", type=int, nargs="*", default=[256],
+                    help="--sweep: new-token lengths for SmolLM2 (none: skip it; ~8 tok/s at batch 8 on 2 CPU cores)")
+    ap.add_argument("--rounds", type=int, default=3, help="--sweep: interleaved A/B rounds per length (median kept)")
+    ap.add_argument("--smollm2-rounds", type=int, default=None, help="--sweep: rounds for SmolLM2 (default --rounds)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--beta", type=float, default=3.0)
@@ -166,6 +263,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sweep:
+        return sweep(args, argv)
     device = args.device
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(args.model, dtype, device)

@@ -55,10 +55,14 @@ def reference_lambda(hn, mode, beta, center, h1, h2):
 
 
 def reference_decode(model, tokenizer, hinted, plain, *, mode="linear", beta=3.0, center=0.5, h1=0.1, h2=0.4,
-                     splitter=None, max_new_tokens=40, eos_ids=(), window=4, count=3):
-    """The authors' loop, greedy: one sample, both prefixes recomputed in full at every token (no KV cache,
-    no padding), lambda from the hinted stream's entropy / ln V with V = logits.shape[-1]."""
+                     splitter=None, max_new_tokens=40, eos_ids=(), window=4, count=3, temperature=0.0, top_p=1.0,
+                     seed=None):
+    """The authors' loop: one sample, both prefixes recomputed in full at every token (no KV cache, no padding),
+    lambda from the hinted stream's entropy / ln V with V = logits.shape[-1], the repetition rule recounted over the
+    whole output and the splitter searched in the whole decoded output at every token. Greedy by default; with a
+    temperature, one draw per token from the sample's own generator (seeded ``seed``) through `select_tokens`."""
     gen, lambdas, split, reason = [], [], False, "length"
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for step in range(max_new_tokens):
         with torch.no_grad():
             zp = model(torch.tensor([hinted + gen]), use_cache=False).logits[0, -1].float()
@@ -72,14 +76,18 @@ def reference_decode(model, tokenizer, hinted, plain, *, mode="linear", beta=3.0
         else:
             lam = reference_lambda(hn, mode, beta, center, h1, h2)
         log_m = (1 - lam) * log_p + lam * log_q
-        token = int(torch.argmax(log_m - torch.logsumexp(log_m, -1)))
+        log_m = log_m - torch.logsumexp(log_m, -1)
+        if temperature == 0:
+            token = int(torch.argmax(log_m))
+        else:
+            token = int(select_tokens(log_m[None], temperature=temperature, top_p=top_p, generators=generator)[0])
         gen.append(token)
         lambdas.append(lam)
         if token in eos_ids:
             reason = "eos"
             break
         tail = gen[-window:]
-        if len(gen) >= window and sum(gen[i : i + window] == tail for i in range(len(gen) - window + 1)) >= count:
+        if window is not None and len(gen) >= window and sum(gen[i : i + window] == tail for i in range(len(gen) - window + 1)) >= count:
             reason = "repetition"
             break
         if splitter is not None and not split and splitter in tokenizer.decode(gen):
@@ -287,3 +295,161 @@ def test_inverse_cdf_sampling_never_picks_impossible_tokens():
         picks = inverse_cdf_sample(row.expand(len(u), -1), u)
         assert bool((row[picks] > 0).all())
     assert inverse_cdf_sample(probs[:1].expand(6, -1), u).tolist() == [1, 1, 1, 3, 3, 3]
+
+
+class ScriptedModel(torch.nn.Module):
+    """A causal LM whose output follows a script: after token ``a`` the logit of ``successors[a]`` gets a large
+    bonus (at every position, so the cached and the no-cache forwards agree). Lets a test make a random model
+    write a chosen text, e.g. a splitter made of several tokens or of the bytes of multi-byte characters."""
+
+    def __init__(self, inner, successors: dict[int, int], strength: float = 500.0):
+        super().__init__()
+        self.inner = inner
+        self.config, self.generation_config = inner.config, inner.generation_config
+        vocab = inner.get_output_embeddings().weight.shape[0]
+        bonus = torch.zeros(vocab, vocab)
+        for a, b in successors.items():
+            bonus[a, b] = strength
+        self.register_buffer("bonus", bonus)
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0,
+                **kwargs):
+        if cache is not None:  # older callers pass the cache as past_key_values, which stays in kwargs
+            kwargs["cache"] = cache
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        k = out.logits.shape[1]
+        out.logits = out.logits + self.bonus[input_ids[:, -k:]]
+        return out
+
+
+SCRIPT = " so \\boxed{é→ 42}"  # 'é' is 2 bytes and '→' 3 bytes: byte tokens of the tiny byte-level tokenizer
+
+
+def scripted_setup(tokenizer, hinted):
+    script = tokenizer(SCRIPT)["input_ids"]
+    assert len(set(script)) == len(script) and len(script) >= 10
+    successors = dict(zip(script[:-1], script[1:]))
+    for prompt in hinted:  # every hinted prompt starts the script
+        assert prompt[-1] not in script
+        successors[prompt[-1]] = script[0]
+    return ScriptedModel(peaked_model(tokenizer), successors).eval(), script
+
+
+def first_split(tokenizer, tokens, splitter):
+    return next((t for t in range(1, len(tokens) + 1) if splitter in tokenizer.decode(tokens[:t])), None)
+
+
+@pytest.mark.parametrize("splitter", ["\\boxed{", "é→", "→ 4"])
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (1.0, 11)])
+def test_multi_token_and_multi_byte_splitter_match_reference(tiny_tokenizer, splitter, temperature, seed):
+    tok = tiny_tokenizer
+    hinted, plain = encode(tok, HINTED_TEXTS), encode(tok, PLAIN_TEXTS)
+    model, script = scripted_setup(tok, hinted)
+    assert len(tok(splitter, add_special_tokens=False)["input_ids"]) >= 3  # the splitter spans several tokens
+    results = hinted_decode(model, tok, hinted, plain, splitter=splitter, temperature=temperature, top_p=0.95,
+                            seed=seed, max_new_tokens=24, eos_token_ids=[], repetition_window=4, repetition_count=3,
+                            return_lambdas=True)
+    for i, r in enumerate(results):
+        gen, reason, lambdas = reference_decode(model, tok, hinted[i], plain[i], splitter=splitter, max_new_tokens=24,
+                                                temperature=temperature, top_p=0.95,
+                                                seed=None if seed is None else seed + i)
+        assert (r.token_ids, r.finish_reason) == (gen, reason), f"sample {i}"
+        assert r.lambdas == pytest.approx(lambdas, abs=1e-4)
+        # the split is at the first token whose full decoded output holds the splitter, inside the script
+        assert r.token_ids[: len(script)] == script
+        assert r.splitter_pos == first_split(tok, r.token_ids, splitter) <= len(script)
+        assert all(lam == 1.0 for lam in r.lambdas[r.splitter_pos :])
+
+
+def test_sampled_decoding_with_repetition_stop_matches_reference(setup):
+    model, tok, hinted, plain = setup
+    kw = dict(temperature=1.0, top_p=0.9, max_new_tokens=40)
+    reasons = set()
+    for seed in (0, 5):
+        results = hinted_decode(model, tok, hinted, plain, seed=seed, eos_token_ids=[tok.eos_token_id],
+                                repetition_window=3, repetition_count=2, batch_size=3, **kw)
+        for i, r in enumerate(results):
+            gen, reason, _ = reference_decode(model, tok, hinted[i], plain[i], eos_ids=(tok.eos_token_id,), window=3,
+                                              count=2, seed=seed + i, **kw)
+            assert (r.token_ids, r.finish_reason) == (gen, reason), f"seed {seed} sample {i}"
+            reasons.add(reason)
+    assert "repetition" in reasons and "length" in reasons
+
+
+def test_repetition_guard_equals_recount_including_hash_collisions():
+    from trl_onpolicy.hinted import RepetitionGuard, repetition_counts
+
+    class Colliding(RepetitionGuard):  # tiny moduli: different windows share hashes all the time
+        _MOD = torch.tensor([7, 5])
+        _BASE = torch.tensor([3, 2])
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 4, (6, 60), generator=g)
+    tokens[1, 20:] = torch.tensor([1, 2, 3] * 40)[:40]  # a loop of period 3
+    tokens[2, 5:] = 2  # a loop of period 1
+    for cls in (RepetitionGuard, Colliding):
+        for window, count in ((1, 3), (3, 2), (4, 3), (8, 2)):
+            guard = cls(6, window, count)
+            samples = torch.arange(6)
+            for step in range(60):
+                fired = guard.update(tokens, samples, samples.tolist(), step)
+                expected = repetition_counts(tokens[:, : step + 1], window) >= count
+                assert fired.tolist() == expected.tolist(), (cls.__name__, window, count, step)
+
+
+def splitter_streams(tokenizer, rng):
+    """Token streams mixing random ids with encoded text holding multi-token and multi-byte splitters."""
+    texts = ["We get \\boxed{12}.", "so é→ 4 and 答案 here", " → é", "\\boxed {", "x\\boxe d{\\boxed{"]
+    vocab = len(tokenizer)
+    for k in range(12):
+        stream = []
+        for _ in range(4):
+            stream += [rng.randrange(vocab) for _ in range(rng.randrange(0, 5))]
+            stream += tokenizer(texts[rng.randrange(len(texts))], add_special_tokens=False)["input_ids"]
+        yield stream
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_splitter_watch_finds_the_same_first_step_as_a_full_decode(tiny_tokenizer, which):
+    import random
+
+    from trl_onpolicy.hinted import SplitterWatch
+
+    if which == "tiny":
+        tok = tiny_tokenizer
+    else:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        folder = Path.home() / ".cache" / "trl_onpolicy" / "SmolLM2-135M-Instruct"
+        if not (folder / "tokenizer.json").exists():
+            pytest.skip("the converted SmolLM2 folder is not cached on this machine")
+        tok = AutoTokenizer.from_pretrained(folder)
+    rng = random.Random(0)
+    checked = 0
+    for splitter in ("\\boxed{", "é→", "答案", " →"):
+        watch = SplitterWatch(tok, splitter)
+        for stream in splitter_streams(tok, rng):
+            tokens = torch.tensor([stream])
+            found = next((t + 1 for t in range(len(stream))
+                          if watch.may_end(tokens[0, t : t + 1])[0] and watch.hits(tokens, torch.tensor([0]), t)[0]), None)
+            assert found == first_split(tok, stream, splitter), (splitter, stream)
+            checked += found is not None
+    assert checked >= 12
+
+
+def test_decoder_uses_the_current_cache_argument(setup):
+    model, tok, hinted, plain = setup
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    try:
+        hinted_decode(model, tok, hinted, plain, max_new_tokens=4, temperature=0)
+    finally:
+        handle.remove()
+    assert all("past_key_values" not in names for names in seen)
+    assert sum("cache" in names for names in seen) == 3  # the three decode steps after the prefill

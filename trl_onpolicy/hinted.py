@@ -16,6 +16,12 @@ KV cache, left-pads prompts with a proper attention mask and position ids, and a
 of all samples in one forward pass per step (a batch of ``2 * B`` rows). Finished rows (and hinted rows after the
 splitter) are dropped from the cache as they finish.
 
+The loop's own work per step does not grow with the length of the output: the repetition guard is a rolling hash
+with a counter (`RepetitionGuard`), the splitter is looked for in the last few tokens only, and only after tokens
+that can end it (`SplitterWatch`), row bookkeeping lives in index tensors, and the KV cache keeps spare room instead
+of being concatenated at every step. The tokens are the same as recounting and re-decoding the whole output at
+every step (tests/test_hinted.py checks this against a no-cache reference loop).
+
 The small pure functions (`normalized_entropy`, `mixing_lambda`, `mix_log_probs`, `top_p_filter`,
 `select_tokens`, `repetition_counts`) hold the math; `hinted_decode` is the batching loop around them.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -40,6 +47,8 @@ __all__ = [
     "mix_log_probs",
     "normalized_entropy",
     "repetition_counts",
+    "RepetitionGuard",
+    "SplitterWatch",
     "select_tokens",
     "inverse_cdf_sample",
     "top_p_filter",
@@ -146,6 +155,7 @@ def select_tokens(
     top_p: float,
     generators: Sequence[torch.Generator | None] | torch.Generator | None = None,
     order: str = "top_p_first",
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of the mixture log-probabilities ``log_m`` ([R, V]) -> [R] long.
 
@@ -154,6 +164,9 @@ def select_tokens(
     ``"temperature_first"`` is Hugging Face ``generate``'s order (temperature, then the nucleus of the tempered
     distribution, which is smaller). ``generators``: None (global RNG), one generator for all rows, or one per
     row (then a row's draw depends only on its own generator, not on the other rows); see `inverse_cdf_sample`.
+    ``uniforms``: the [R] float64 draws to use instead of ``generators`` (the decoder draws each sample's uniforms
+    for the whole response at once: ``torch.rand(n)`` on a CPU generator gives the same numbers as ``n`` calls
+    ``torch.rand(1)``).
     """
     if temperature == 0:
         return log_m.argmax(-1)
@@ -163,7 +176,9 @@ def select_tokens(
         logits = top_p_filter(log_m / temperature, top_p)
     else:
         raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got {order!r}.")
-    return inverse_cdf_sample(logits.softmax(-1), _uniforms(generators, logits.shape[0]))
+    if uniforms is None:
+        uniforms = _uniforms(generators, logits.shape[0])
+    return inverse_cdf_sample(logits.softmax(-1), uniforms)
 
 
 def _uniforms(generators, rows: int) -> torch.Tensor:
@@ -199,6 +214,100 @@ def repetition_counts(tokens: torch.Tensor, window: int) -> torch.Tensor:
     windows = tokens.unfold(-1, window, 1)  # [B, n - window + 1, window]
     last = tokens[:, n - window :].unsqueeze(1)
     return (windows == last).all(-1).sum(-1)
+
+
+class RepetitionGuard:
+    """`repetition_counts` kept up to date one token at a time, in constant work per step.
+
+    Each sample's last ``window`` tokens are summarised by a rolling polynomial hash (two moduli below 2^31, so
+    every product fits in int64), updated with one vectorised operation per step; a `collections.Counter` keyed by
+    the hash with the sample index mixed in counts how often each window has occurred. Equal windows have equal hashes, so the hashed
+    count is never below the true count; when it reaches ``count`` the row is checked exactly with
+    `repetition_counts` (once per stopping sample; a hash collision is then rejected), so the rule is the same as
+    recounting the whole prefix at every step."""
+
+    _MOD = torch.tensor([2_147_483_647, 2_147_483_629])  # two primes below 2^31
+    _BASE = torch.tensor([1_000_003, 1_000_033])
+    _SAMPLE_MIX = 0x5851F42D4C957F2D  # odd 63-bit constant (products wrap in int64)
+
+    def __init__(self, num_samples: int, window: int, count: int):
+        self.window, self.count = window, count
+        self.hash = torch.zeros(num_samples, 2, dtype=torch.long)
+        # weight of the token that leaves the window: base^window mod m
+        self.drop = torch.tensor([pow(int(b), window, int(m)) for b, m in zip(self._BASE, self._MOD)])
+        self.seen: Counter = Counter()
+
+    def update(self, tokens: torch.Tensor, samples: torch.Tensor, sample_list: list[int], step: int) -> torch.Tensor:
+        """Account for token ``tokens[s, step]`` of every sample ``s`` in ``samples`` (``sample_list`` is the same
+        as a list); return a bool tensor over ``samples``: True where the guard fires after this token."""
+        h = self.hash.index_select(0, samples) * self._BASE + (tokens[samples, step] + 1).unsqueeze(-1)
+        if step >= self.window:
+            h = h - (tokens[samples, step - self.window] + 1).unsqueeze(-1) * self.drop
+        h = h.remainder(self._MOD)
+        self.hash[samples] = h
+        if step + 1 < self.window:
+            return torch.zeros(len(sample_list), dtype=torch.bool)
+        # one int per (sample, window): the sample index is mixed into the hash (a clash only raises a count,
+        # which the exact check below catches)
+        keys = (((h[:, 0] << 31) | h[:, 1]) ^ (samples * self._SAMPLE_MIX)).tolist()
+        self.seen.update(keys)
+        hit = torch.tensor(list(map(self.seen.__getitem__, keys))) >= self.count
+        if bool(hit.any()):
+            for j in hit.nonzero().flatten().tolist():  # exact check, once per sample that stops
+                s = sample_list[j]
+                hit[j] = bool(repetition_counts(tokens[s : s + 1, : step + 1], self.window)[0] >= self.count)
+        return hit
+
+
+class SplitterWatch:
+    """Detects the first time ``splitter`` appears in a sample's decoded output, in constant work per step.
+
+    A first occurrence must end in the newest token. Two cheap facts are used:
+
+    - the newest token can end an occurrence only if the text it adds holds the splitter's last character, or a
+      U+FFFD (it cuts or completes a multi-byte character). What a token adds is read once per token id, after a
+      fixed anchor token, and cached (`may_end`); tokens that cannot end an occurrence cost one tensor lookup;
+    - an occurrence spans at most ``len(splitter.encode())`` tokens when every token decodes to at least one byte
+      (byte-level BPE, SentencePiece with byte fallback). For the other rows only the last that many tokens plus a
+      margin are decoded (`hits`), so a multi-byte character cut at the start of the tail (shown as U+FFFD) or a
+      decoder's leading-space rule there stays clear of the occurrence.
+
+    Both together find the splitter at the same step as searching the whole decoded output after every token."""
+
+    MARGIN = 8
+
+    def __init__(self, tokenizer, splitter: str):
+        self.tokenizer, self.splitter = tokenizer, splitter
+        self.tail = len(splitter.encode("utf-8")) + self.MARGIN
+        self.anchor = list(tokenizer("a", add_special_tokens=False)["input_ids"]) or [0]
+        self.anchor_text = tokenizer.decode(self.anchor)
+        self.flags = torch.full((0,), -1, dtype=torch.int8)  # per token id: -1 unknown, 0 cannot end, 1 may end
+
+    def _adds_ending(self, token_id: int) -> bool:
+        text = self.tokenizer.decode(self.anchor + [token_id])
+        if not text.startswith(self.anchor_text):
+            return True
+        added = text[len(self.anchor_text):]
+        return not added or "\ufffd" in added or self.splitter[-1] in added
+
+    def may_end(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Bool tensor over ``new_tokens`` ([R] CPU ids): can this token end an occurrence of the splitter?"""
+        top = int(new_tokens.max()) + 1 if len(new_tokens) else 0
+        if top > len(self.flags):
+            self.flags = torch.cat([self.flags, self.flags.new_full((top - len(self.flags),), -1)])
+        flags = self.flags[new_tokens]
+        if bool((flags < 0).any()):
+            for t in new_tokens[flags < 0].unique().tolist():
+                self.flags[t] = int(self._adds_ending(t))
+            flags = self.flags[new_tokens]
+        return flags > 0
+
+    def hits(self, tokens: torch.Tensor, samples: torch.Tensor, step: int) -> list[bool]:
+        """For every sample in ``samples`` whose tokens ``0..step`` are in ``tokens``: is the splitter in its decoded
+        output now? (Decodes the tail only; call it for the rows whose newest token `may_end` an occurrence.)"""
+        lo = max(0, step + 1 - self.tail)
+        texts = self.tokenizer.batch_decode(tokens[samples, lo : step + 1].tolist())
+        return [self.splitter in text for text in texts]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,17 +385,33 @@ def _validate(beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, max_new_to
         raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got {sampling_order!r}.")
 
 
-def _forward_kwargs(model) -> dict:
-    """Ask the model for the last position's logits only, when its forward accepts it."""
+def _forward_params(model) -> dict:
     try:
-        params = inspect.signature(model.forward).parameters
+        return dict(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return {}
+
+
+def _forward_kwargs(model) -> dict:
+    """Ask the model for the last position's logits only, when its forward accepts it."""
+    params = _forward_params(model)
     if "logits_to_keep" in params:
         return {"logits_to_keep": 1}
     if "num_logits_to_keep" in params:
         return {"num_logits_to_keep": 1}
     return {}
+
+
+def _cache_argument(model) -> str:
+    """The name under which the model's forward takes the KV cache: ``cache`` (transformers >= 5.2x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (older releases, and models that still use it)."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _cache_of(out):
+    """The KV cache of a forward's output, read without touching the deprecated ``past_key_values`` alias."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,6 +583,69 @@ def _plain_dynamic_cache(cache) -> bool:
             and all(type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None for layer in layers))
 
 
+_BUFFERED_LAYER = None
+
+
+def _buffered_layer_class():
+    """A `DynamicLayer` whose keys and values are views of buffers with spare room: appending a token writes one
+    position instead of concatenating (copying) the whole cache, as `DynamicLayer.update` does at every step. The
+    buffers double when full, so the copying is amortised O(1) per token; `batch_select_indices` selects rows of
+    the buffers. The attention sees the same values as with a plain `DynamicLayer`."""
+    global _BUFFERED_LAYER
+    if _BUFFERED_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class BufferedDynamicLayer(DynamicLayer):
+            def _set_views(self):
+                self.keys = self._key_buffer[..., : self._length, :]
+                self.values = self._value_buffer[..., : self._length, :]
+
+            def _reserve(self, capacity: int):
+                def grown(buffer):
+                    new = buffer.new_empty((*buffer.shape[:-2], capacity, buffer.shape[-1]))
+                    new[..., : self._length, :] = buffer[..., : self._length, :]
+                    return new
+
+                self._key_buffer, self._value_buffer = grown(self._key_buffer), grown(self._value_buffer)
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                n, m = self._length, key_states.shape[-2]
+                if n + m > self._key_buffer.shape[-2]:
+                    self._reserve(max(n + m, 2 * self._key_buffer.shape[-2]))
+                self._key_buffer[..., n : n + m, :] = key_states
+                self._value_buffer[..., n : n + m, :] = value_states
+                self._length = n + m
+                self._set_views()
+                return self.keys, self.values
+
+            def batch_select_indices(self, indices):
+                self._key_buffer = self._key_buffer.index_select(0, indices)
+                self._value_buffer = self._value_buffer.index_select(0, indices)
+                self._set_views()
+
+            def crop(self, tokens_to_remove: int) -> None:
+                super().crop(tokens_to_remove)
+                self._length = self.keys.shape[-2]
+
+        _BUFFERED_LAYER = BufferedDynamicLayer
+    return _BUFFERED_LAYER
+
+
+def _use_buffered_layers(cache, room: int) -> None:
+    """Turn the layers of a plain `DynamicCache` into `_buffered_layer_class` layers with ``room`` spare positions
+    (no-op for any other cache)."""
+    if not _plain_dynamic_cache(cache):
+        return
+    cls = _buffered_layer_class()
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values
+        layer.__class__ = cls
+        layer._length = keys.shape[-2]
+        layer._key_buffer, layer._value_buffer = keys, values
+        layer._reserve(keys.shape[-2] + room)
+        layer._set_views()
+
+
 def _separate_prefill(model, hinted, plain, pad_token_id, device, forward_kwargs):
     """Prefill the hinted and the plain prompts in two forwards, each padded only to its own longest prompt, then
     stack the two KV caches (the shorter one left-padded with zeros that the attention mask hides). This avoids
@@ -468,7 +656,7 @@ def _separate_prefill(model, hinted, plain, pad_token_id, device, forward_kwargs
         ids, mask = _left_pad(prompts, pad_token_id, device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **forward_kwargs)
-        if not _plain_dynamic_cache(out.past_key_values):
+        if not _plain_dynamic_cache(_cache_of(out)):
             return None, None
         outs.append(out)
         masks.append(mask)
@@ -482,24 +670,25 @@ def _separate_prefill(model, hinted, plain, pad_token_id, device, forward_kwargs
         shape[dim] = missing
         return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-    cache, other = outs[0].past_key_values, outs[1].past_key_values
+    cache, other = _cache_of(outs[0]), _cache_of(outs[1])
     for layer, layer_p in zip(cache.layers, other.layers):
         layer.keys = torch.cat([pad_left(layer.keys, -2), pad_left(layer_p.keys, -2)], dim=0)
         layer.values = torch.cat([pad_left(layer.values, -2), pad_left(layer_p.values, -2)], dim=0)
     attention = torch.cat([pad_left(m, 1) for m in masks], dim=0)
     logits = torch.cat([outs[0].logits[:, -1:], outs[1].logits[:, -1:]], dim=0)
 
-    return SimpleNamespace(logits=logits, past_key_values=cache), attention
+    return SimpleNamespace(logits=logits, cache=cache), attention
 
 
 def _decode_chunk(model, tokenizer, hinted, plain, *, device, generators, beta, lambda_mode, lambda_center, lambda_h1,
                   lambda_h2, splitter, max_new_tokens, temperature, top_p, eos_ids, repetition_window,
                   repetition_count, return_lambdas, sampling_order, pad_token_id, forward_kwargs, prefill):
+    """Decode one chunk of samples. The host work per step does not grow with the length: row bookkeeping is held
+    in index tensors that change only when a sample finishes or splits, the repetition guard and the splitter check
+    are incremental (`RepetitionGuard`, `SplitterWatch`), per-token records go into preallocated buffers, and the
+    attention mask is a view of a preallocated buffer instead of a concatenation per step."""
     b = len(hinted)
     prompts = hinted + plain  # rows 0..b-1 hinted, b..2b-1 plain
-    next_pos = torch.tensor([len(p) for p in prompts], device=device)
-    # the rows currently in the batch: (sample, is_hinted)
-    rows: list[tuple[int, bool]] = [(s, True) for s in range(b)] + [(s, False) for s in range(b)]
     out = None
     if prefill in ("auto", "separate"):
         out, attention = _separate_prefill(model, hinted, plain, pad_token_id, device, forward_kwargs)
@@ -510,90 +699,136 @@ def _decode_chunk(model, tokenizer, hinted, plain, *, device, generators, beta, 
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
                     **forward_kwargs)
-    cache = out.past_key_values
+    cache = _cache_of(out)
+    _use_buffered_layers(cache, min(max_new_tokens, 256))
+    cache_arg = _cache_argument(model)
     can_prune = hasattr(cache, "batch_select_indices")
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)
+    prompt_width = attention.shape[1]
+    # the attention mask of step t is attn[:, : prompt_width + t + 1]; columns past the prompt are all ones
+    attn = torch.cat([attention, attention.new_ones((attention.shape[0], max_new_tokens))], dim=1)
+
+    # the rows in the batch (CPU): which sample each row belongs to and whether it is the hinted one
+    row_sample = torch.arange(2 * b).remainder(b)
+    row_hinted = torch.arange(2 * b) < b
+    # for every sample, the row of its plain stream and the row its hinted logits are read from (the plain row
+    # once the hinted row has been dropped after the splitter)
+    plain_row = torch.arange(b) + b
+    hinted_row = torch.arange(b)
 
     tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long)  # generated ids, on CPU
+    lam_buf = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
+    ent_buf = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
+    mixed_buf = torch.zeros((b, max_new_tokens), dtype=torch.bool)  # steps whose lambda came from the entropy
     eos = torch.tensor(eos_ids, dtype=torch.long)
-    active = list(range(b))  # samples still decoding, in a fixed order
+    active = torch.arange(b)  # samples still decoding, ascending
+    active_list = active.tolist()
+    active_dev = active.to(device)
+    split = torch.zeros(b, dtype=torch.bool)
     split_at: list[int | None] = [None] * b
     finish: list[str | None] = [None] * b
-    lam_hist: list[list[float]] = [[] for _ in range(b)]
-    ent_hist: list[list[float]] = [[] for _ in range(b)]
-    per_row_gens = isinstance(generators, list)
+    finished = torch.zeros(b, dtype=torch.bool)
+    guard = RepetitionGuard(b, repetition_window, repetition_count) if repetition_window is not None else None
+    watch = SplitterWatch(tokenizer, splitter) if splitter is not None else None
+    uniforms = None
+    if isinstance(generators, list) and temperature > 0:
+        # each sample's draws for the whole response, from its own generator (same numbers as one draw per step)
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g, dtype=torch.float64,
+                                           device=g.device if g is not None else "cpu").cpu() for g in generators])
+    rows_dev = torch.cat([hinted_row, plain_row]).to(device)
 
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :]
-        where = {key: r for r, key in enumerate(rows)}
-        plain_rows = torch.tensor([where[(s, False)] for s in active], device=device)
-        hinted_rows = torch.tensor([where.get((s, True), where[(s, False)]) for s in active], device=device)
-        log_p = logits.index_select(0, hinted_rows).float().log_softmax(-1)
-        log_q = logits.index_select(0, plain_rows).float().log_softmax(-1)
+        n_act = len(active_list)
+        logits = out.logits[:, -1, :].index_select(0, rows_dev).float()
+        log_p, log_q = logits[:n_act].log_softmax(-1), logits[n_act:].log_softmax(-1)
         hn = normalized_entropy(log_p)
         lam = mixing_lambda(hn, lambda_mode, beta=beta, center=lambda_center, h1=lambda_h1, h2=lambda_h2)
-        forced = torch.tensor([0.0 if step == 0 else (1.0 if split_at[s] is not None else float("nan")) for s in active],
-                              device=device)
-        lam = torch.where(forced.isnan(), lam, forced)
-        log_m = mix_log_probs(log_p, log_q, lam)
-        gens = [generators[s] for s in active] if per_row_gens else generators
-        chosen = select_tokens(log_m, temperature=temperature, top_p=top_p, generators=gens, order=sampling_order).cpu()
-
-        act = torch.tensor(active)
-        tokens[act, step] = chosen
-        lam_list, hn_list, forced_list = lam.tolist(), hn.tolist(), forced.isnan().tolist()
-        for j, s in enumerate(active):
-            lam_hist[s].append(lam_list[j])
-            if forced_list[j]:
-                ent_hist[s].append(hn_list[j])
-        is_eos = torch.isin(chosen, eos)
-        if repetition_window is not None:
-            repeated = repetition_counts(tokens[act, : step + 1], repetition_window) >= repetition_count
+        if step == 0:
+            lam = torch.zeros_like(lam)  # the first token comes from the hinted stream alone
+            mixed = torch.zeros(n_act, dtype=torch.bool)
         else:
-            repeated = torch.zeros_like(is_eos)
-        still = []
-        for j, s in enumerate(active):
-            if is_eos[j]:
-                finish[s] = "eos"
-            elif repeated[j]:
-                finish[s] = "repetition"
-            elif step + 1 == max_new_tokens:
-                finish[s] = "length"
-            else:
-                still.append(s)
-                if splitter is not None and split_at[s] is None:
-                    if splitter in tokenizer.decode(tokens[s, : step + 1].tolist()):
-                        split_at[s] = step + 1
-        active = still
-        if not active:
-            break
+            is_split = split[active]
+            mixed = ~is_split
+            if watch is not None:
+                lam = torch.where(is_split.to(device), torch.ones_like(lam), lam)
+        log_m = mix_log_probs(log_p, log_q, lam)
+        chosen = select_tokens(log_m, temperature=temperature, top_p=top_p, order=sampling_order,
+                               generators=None if uniforms is not None else generators,
+                               uniforms=uniforms[active, step] if uniforms is not None else None).cpu()
 
-        # rows to keep: plain rows of live samples, hinted rows of live samples before their split
-        alive = set(active)
-        keep_keys = [(s, h) for (s, h) in rows if s in alive and (not h or split_at[s] is None)]
-        if can_prune and len(keep_keys) < len(rows):
-            keep = torch.tensor([where[k] for k in keep_keys], device=device)
-            cache.batch_select_indices(keep)
-            attention = attention.index_select(0, keep)
-            next_pos = next_pos.index_select(0, keep)
-            rows = keep_keys
-        last = {s: int(tokens[s, step]) for s in range(b)}
-        step_ids = torch.tensor([[last[s] if finish[s] is None else pad_token_id] for s, _ in rows], device=device)
-        attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
-        out = model(input_ids=step_ids, attention_mask=attention, position_ids=next_pos.unsqueeze(-1),
-                    past_key_values=cache, use_cache=True, **forward_kwargs)
-        cache = out.past_key_values
+        tokens[active, step] = chosen
+        lam_buf[active_dev, step] = lam
+        ent_buf[active_dev, step] = hn
+        mixed_buf[active, step] = mixed
+
+        done = torch.isin(chosen, eos)
+        repeated = guard.update(tokens, active, active_list, step) if guard is not None else None
+        if repeated is not None:
+            done = done | repeated
+        if step + 1 == max_new_tokens:
+            done = torch.ones_like(done)
+        any_done = bool(done.any())
+        if any_done:
+            is_eos = torch.isin(chosen, eos)
+            for j in done.nonzero().flatten().tolist():
+                s = active_list[j]
+                finish[s] = "eos" if is_eos[j] else ("repetition" if repeated is not None and repeated[j] else "length")
+        new_split = False
+        if watch is not None:
+            look = ~done & ~split[active]
+            if bool(look.any()):
+                look &= watch.may_end(chosen)
+            if bool(look.any()):
+                candidates = active[look]
+                for s, hit in zip(candidates.tolist(), watch.hits(tokens, candidates, step)):
+                    if hit:
+                        split[s], split_at[s], new_split = True, step + 1, True
+        if any_done:
+            finished[active[done]] = True
+            active = active[~done]
+            active_list = active.tolist()
+            if not active_list:
+                break
+            active_dev = active.to(device)
+
+        if can_prune and (any_done or new_split):
+            # keep the plain rows of live samples and the hinted rows of live samples that have not split
+            keep = ~finished[row_sample] & ~(row_hinted & split[row_sample])
+            if not bool(keep.all()):
+                keep_idx = keep.nonzero().flatten()
+                keep_dev = keep_idx.to(device)
+                cache.batch_select_indices(keep_dev)
+                attn = attn.index_select(0, keep_dev)
+                next_pos = next_pos.index_select(0, keep_dev)
+                row_sample, row_hinted = row_sample[keep_idx], row_hinted[keep_idx]
+                positions = torch.arange(len(row_sample))
+                plain_row[row_sample[~row_hinted]] = positions[~row_hinted]
+                hinted_row.copy_(plain_row)
+                hinted_row[row_sample[row_hinted]] = positions[row_hinted]
+        if any_done or new_split:
+            rows_dev = torch.cat([hinted_row[active], plain_row[active]]).to(device)
+
+        step_ids = tokens[row_sample, step]
+        if not can_prune:
+            step_ids = step_ids.masked_fill(finished[row_sample], pad_token_id)
+        out = model(input_ids=step_ids.unsqueeze(-1).to(device), attention_mask=attn[:, : prompt_width + step + 1],
+                    position_ids=next_pos.unsqueeze(-1), use_cache=True, **{cache_arg: cache}, **forward_kwargs)
+        cache = _cache_of(out)
         next_pos = next_pos + 1
 
+    lam_rows, ent_rows = lam_buf.cpu().tolist(), ent_buf.cpu().tolist()
+    lengths = (tokens >= 0).sum(-1).tolist()
     results = []
     for s in range(b):
-        ids = tokens[s][tokens[s] >= 0].tolist()
-        lams = lam_hist[s]
+        n = lengths[s]
+        lams = lam_rows[s][:n]
+        ents = [e for e, m in zip(ent_rows[s][:n], mixed_buf[s, :n].tolist()) if m]
         results.append(HintedResult(
-            token_ids=ids,
+            token_ids=tokens[s, :n].tolist(),
             finish_reason=finish[s] or "length",
             lambda_mean=float(sum(lams) / len(lams)) if lams else 0.0,
             lambdas=list(lams) if return_lambdas else None,
-            entropy_mean=float(sum(ent_hist[s]) / len(ent_hist[s])) if ent_hist[s] else None,
+            entropy_mean=float(sum(ents) / len(ents)) if ents else None,
             splitter_pos=split_at[s],
         ))
     return results
