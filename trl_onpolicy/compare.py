@@ -351,7 +351,14 @@ def _strict(cls, values: Any, where: str):
 
         hints = [f"{u!r} (did you mean {difflib.get_close_matches(u, known, 1)[0]!r}?)" if difflib.get_close_matches(u, known, 1) else repr(u) for u in unknown]
         raise ValueError(f"Unknown key(s) in `{where}`: {', '.join(hints)}. Known keys: {sorted(known)}.")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:  # name the recipe key (`eval.temperature`), not the class the block builds
+        message = str(e)
+        for prefix in {f"{cls.__name__}.", *(f"{base.__name__}." for base in cls.__mro__)}:
+            if message.startswith(prefix):
+                raise ValueError(f"{where}.{message[len(prefix):]}") from None
+        raise
 
 
 TOP_KEYS = ("model_name_or_path", "output_dir", "methods", "data", "budget", "sweep", "metrics", "eval", "pairs",
