@@ -217,6 +217,10 @@ def test_resume_after_a_half_finished_sweep(tmp_path, tiny_model_dir, run_calls,
 
     monkeypatch.setattr(Comparison, "train", original)
     run_calls.clear()
+    # an interim report runs nothing, reports the finished units and exits 1 while units are missing
+    assert compare.main(["--config", str(path), "--report_only", "true"]) == 1
+    assert run_calls == [] and set(_units(tmp_path)) == set(done)
+    assert {k: f.stat().st_mtime_ns for k, f in files.items()} == mtimes
     assert compare.main(["--config", str(path)]) == 0
     assert run_calls == ["sft/lr=1e-3/seed=1", "sft/lr=1e-2/seed=1"]  # finished units are not run again
     assert {k: f.stat().st_mtime_ns for k, f in files.items()} == mtimes

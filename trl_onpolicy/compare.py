@@ -53,7 +53,9 @@ recorded fingerprint (start-model weights, training data, evaluation sets and se
 setting of the unit: method, args, learning rate, seed, budget, corpus settings) equals this run's is skipped. A unit
 whose fingerprint differs is recomputed (the message says what changed); old results are never reported under a new
 configuration. A failed unit is retried (``rerun_failed: false`` keeps the failure). A unit that raises is recorded as
-failed with its error and the others go on; the command then exits with status 1.
+failed with its error and the others go on; the command then exits with status 1. ``--report_only true`` runs
+nothing: it writes results.md, results.json and the plots from the units that have finished under this configuration
+(an interim report of a study still in progress; its exit status is 1 while units are missing).
 """
 
 from __future__ import annotations
@@ -309,6 +311,7 @@ class CompareConfig:
     phi: dict = field(default_factory=lambda: {"enabled": True, "max_samples": 128, "batch_size": 8})
     dtype: str = "float32"
     rerun_failed: bool = True
+    report_only: bool = False
     title: str | None = None
     num_threads: int | None = None
     shard: str | None = None
@@ -362,7 +365,7 @@ def _strict(cls, values: Any, where: str):
 
 
 TOP_KEYS = ("model_name_or_path", "output_dir", "methods", "data", "budget", "sweep", "metrics", "eval", "pairs",
-            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "title", "num_threads", "shard", "only", "env")
+            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "report_only", "title", "num_threads", "shard", "only", "env")
 
 
 def parse_config(raw: dict) -> CompareConfig:
@@ -407,6 +410,7 @@ def parse_config(raw: dict) -> CompareConfig:
         phi={"enabled": True, "max_samples": 128, "batch_size": 8, **(raw.get("phi") or {})},
         dtype=raw.get("dtype", "float32"),
         rerun_failed=bool(raw.get("rerun_failed", True)),
+        report_only=bool(raw.get("report_only", False)),
         title=raw.get("title"),
         num_threads=raw.get("num_threads"),
         shard=None if raw.get("shard") is None else str(raw["shard"]),
@@ -1292,7 +1296,8 @@ class Comparison:
             settings = self.unit_settings(unit)
             previous = _read_json(path) if path.is_file() else None
             tag = f"[compare] ({i}/{len(units)}) {unit.key}"
-            if (i - 1) % count != index:  # another shard's unit: reported when it has finished under this config
+            if self.cfg.report_only or (i - 1) % count != index:
+                # another shard's unit (or a report-only run): reported when it has finished under this config
                 if previous is not None and previous.get("status") == "ok" and not changed_keys(previous.get("fingerprint"), fp):
                     results[unit.key] = previous
                 continue
@@ -1409,9 +1414,16 @@ def main(argv: list[str] | None = None) -> int:
     path = argv[i + 1]
     rest = argv[:i] + argv[i + 2 :]
     config = load_config_file(path, _parse_overrides(rest))
-    payload = Comparison(config).run()
+    comparison = Comparison(config)
+    payload = comparison.run()
     print((Path(config.output_dir) / "results.md").read_text())
     failed = [key for key, r in payload["units"].items() if r.get("status") != "ok"]
+    if config.report_only:
+        missing = len(comparison.units()) - len(payload["units"])
+        if missing:
+            print(f"[compare] report only: {missing} unit(s) have not finished under this configuration; exit status 1",
+                  file=sys.stderr)
+        return 1 if missing or failed else 0
     if failed:
         print(f"[compare] {len(failed)} unit(s) did not finish: {failed} (see results.md); exit status 1", file=sys.stderr)
         return 1
