@@ -227,6 +227,25 @@ def test_plain_sft_trainer_refuses_the_collator_clearly(tiny_model, tmp_path, re
     assert fingerprint(model) == before  # nothing was trained
 
 
+def test_a_collator_used_by_idft_trainer_is_still_refused_by_plain_sft_trainer(tiny_model, tmp_path):
+    """The same HintedDataCollator object handed first to IDFTTrainer, then to a plain SFTTrainer: the second one
+    must still refuse it (the trainer attaches its own copy, never the user's object)."""
+    model, tok = tiny_model
+    collator = HintedDataCollator(tok, **DECODE)
+    idft = IDFTTrainer(model, args=config(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows(4)),
+                       processing_class=tok, data_collator=collator)
+    assert idft.data_collator.attached_to == "IDFTTrainer" and collator.attached_to is None
+    assert collator.max_length is None  # no setting of the first trainer leaks into the user's object
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, max_steps=1, use_cpu=True,
+                     bf16=False, report_to=[], save_strategy="no", remove_unused_columns=False)
+    trainer = SFTTrainer(model, args=args, train_dataset=Dataset.from_list(rows(4)), processing_class=tok,
+                         data_collator=collator)
+    before = fingerprint(model)
+    with pytest.raises(RuntimeError, match="use IDFTTrainer"):
+        trainer.train()
+    assert fingerprint(model) == before
+
+
 def test_plain_prompt_is_rendered_as_sft_trainer_renders_the_training_prompt(tiny_model, tmp_path):
     """tools and chat_template_kwargs reach the decoding prompt: its ids equal the prompt part of TRL's own
     tokenization of the training sample (the labels' -100 prefix), token for token."""

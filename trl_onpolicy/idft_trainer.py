@@ -9,6 +9,7 @@ PEFT, assistant/completion-only loss, DDP, DeepSpeed, FSDP) keeps working.
 from __future__ import annotations
 
 import contextlib
+import copy
 import textwrap
 import warnings
 
@@ -76,6 +77,10 @@ class OnlineHintedMixin:
 
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
             collator = HintedDataCollator(tokenizer, **(hinted_collator_kwargs or {}))
+        else:
+            # the trainer's own copy: the user's object stays unattached (handed later to a plain SFTTrainer it still
+            # refuses instead of training on the references) and keeps no settings filled from this trainer
+            collator = copy.copy(collator)
         if collator.max_length is None:
             collator.max_length = self.args.max_length
         if collator.completion_only_loss is None:
