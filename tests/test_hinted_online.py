@@ -246,6 +246,25 @@ def test_a_collator_used_by_idft_trainer_is_still_refused_by_plain_sft_trainer(t
     assert fingerprint(model) == before
 
 
+def test_missing_collator_columns_are_refused_at_construction(tiny_model, tmp_path, monkeypatch):
+    """A dataset without the question (or reference) column: one line naming the dataset and the setting when the
+    trainer is built, before any batch is decoded (not a ValueError from the collator at the first batch)."""
+    model, tok = tiny_model
+    decoded = []
+    monkeypatch.setattr(hinted_module, "hinted_decode", lambda *a, **k: decoded.append(1))
+    no_question = Dataset.from_list([{k: v for k, v in r.items() if k != "question"} for r in rows(4)])
+    with pytest.raises(ValueError, match=r"train_dataset has no column\(s\) \['question'\].*question_column") as err:
+        IDFTTrainer(model, args=config(tmp_path, max_steps=1), train_dataset=no_question, processing_class=tok,
+                    data_collator=HintedDataCollator(tok, **DECODE))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"eval_dataset\['gsm'\] has no column\(s\) \['solution'\]"):
+        IDFTTrainer(model, args=config(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows(4)),
+                    eval_dataset={"gsm": Dataset.from_list([{k: v for k, v in r.items() if k != "solution"}
+                                                            for r in rows(2)])},
+                    processing_class=tok, data_collator=HintedDataCollator(tok, **DECODE))
+    assert decoded == []
+
+
 def test_plain_prompt_is_rendered_as_sft_trainer_renders_the_training_prompt(tiny_model, tmp_path):
     """tools and chat_template_kwargs reach the decoding prompt: its ids equal the prompt part of TRL's own
     tokenization of the training sample (the labels' -100 prefix), token for token."""

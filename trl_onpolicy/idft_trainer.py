@@ -87,9 +87,26 @@ class OnlineHintedMixin:
             collator.completion_only_loss = getattr(self, "completion_only_loss", True)
         if collator.chat_template is None:
             collator.chat_template = getattr(self, "chat_template", None)  # SFTTrainer's training template, if any
+        self._check_hinted_columns(collator)
         collator.attach(type(self).__name__)
         self._hinted_collator = collator
         self.data_collator = collator
+
+    def _check_hinted_columns(self, collator) -> None:
+        """A dataset without the collator's question/reference columns: one line at construction, not at batch 1."""
+        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
+        for name, dataset in [("train_dataset", self.train_dataset)] + [
+            (f"eval_dataset{'[' + repr(k) + ']' if k else ''}", d) for k, d in evals.items()
+        ]:
+            columns = getattr(dataset, "column_names", None)
+            if dataset is None or columns is None:  # an IterableDataset may not know its columns
+                continue
+            missing = [c for c in (collator.question_column, collator.reference_column) if c not in columns]
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__}: {name} has no column(s) {missing} that the HintedDataCollator reads (it "
+                    f"has {sorted(columns)}); set the collator's question_column/reference_column to its columns."
+                )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
