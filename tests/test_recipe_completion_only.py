@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+SYSTEM = "You are a careful math tutor: reason step by step and put the final answer within \\boxed{}."
 _COMMAND = re.compile(r"(?:scripts/|trl-onpolicy )(train|dpo|simpo)\b")
 
 
@@ -72,7 +72,7 @@ def test_recipe_trains_on_the_assistant_turn_only(recipe, tiny_model_dir, tmp_pa
             "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
     prepared = module.prepare(argv)
     trainer = module.build_trainer(prepared["model_path"], prepared["training_args"], prepared["model_args"],
-                                   prepared["script_args"], prepared["train"], prepared["evaluation"])
+                                   prepared["script_args"], prepared["train"], prepared["evaluation"], *prepared["extra"])
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = trainer.train_dataset
     assert len(train) == len(rows)
@@ -91,6 +91,9 @@ def test_recipe_trains_on_the_assistant_turn_only(recipe, tiny_model_dir, tmp_pa
                 assert all(lab == t for lab, t in zip(labels[len(prompt_ids):], ids[len(prompt_ids):]))
                 assert len(ids) > len(prompt_ids)
             assert completion[0]["content"] in tok.decode(list(row[pairs[0][0]])[len(prompt_ids):])
+            collator = getattr(trainer, "_hinted_collator", None)  # set for hinted_online recipes, as the command does
+            if collator is not None:  # online recipes decode from the very prompt the step trains on
+                assert collator.plain_prompt_ids(row) == prompt_ids
         else:  # DPOTrainer keeps the prompt apart and scores only chosen/rejected ids given it
             assert list(row["prompt_ids"]) == prompt_ids
             chosen = tok.decode(row["chosen_ids"])
