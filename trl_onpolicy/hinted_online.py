@@ -229,7 +229,8 @@ class HintedDataCollator:
         **settings: the fields of `HintedSettings` (columns, hinted prompt, decoding, acceptance, phi logging);
             ``checker`` may also be a callable ``(extracted_answer, gold) -> bool``.
         max_length, completion_only_loss, chat_template, pad_token_id: set from the trainer (its config, its
-            completion-only decision and its training chat template) when left None.
+            completion-only decision and its training chat template) when left None, on the trainer's own copy
+            (``trainer.data_collator``): the object passed stays as it was, and unattached.
     """
 
     realigns_online = True  # recognised by OnlineHintedMixin (without importing this module)
