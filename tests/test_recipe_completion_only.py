@@ -72,7 +72,8 @@ def test_recipe_trains_on_the_assistant_turn_only(recipe, tiny_model_dir, tmp_pa
             "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
     prepared = module.prepare(argv)
     trainer = module.build_trainer(prepared["model_path"], prepared["training_args"], prepared["model_args"],
-                                   prepared["script_args"], prepared["train"], prepared["evaluation"], *prepared["extra"])
+                                   prepared["script_args"], prepared["train"], prepared["evaluation"],
+                                   *prepared["extra"])
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     train = trainer.train_dataset
     assert len(train) == len(rows)
