@@ -34,6 +34,8 @@ def world(tmp_path_factory, tiny_model_dir):
     rows = arithmetic_examples(4)
     rows[1] = dict(rows[1], completion=None)
     w["null_completion"] = write_jsonl(root / "null_completion.jsonl", rows)
+    w["all_empty"] = write_jsonl(root / "all_empty.jsonl", [dict(r, completion=[{"role": "assistant", "content": ""}])
+                                                            for r in arithmetic_examples(3)])
     prefs_bad = [dict(p) for p in prefs]
     prefs_bad[0]["rejected"] = ""
     w["empty_rejected"] = write_jsonl(root / "empty_rejected.jsonl", prefs_bad)
@@ -169,6 +171,16 @@ CASES = [
     ("quickstart-missing-model", lambda w: _quickstart(w, "--model_name_or_path", "./no/such/model"), "no such local folder"),
     ("realign-model-no-weights", lambda w: _realign(w, "--model_name_or_path", str(w["no_weights"])), "no weight files"),
     ("quickstart-steps-0", lambda w: _quickstart(w, "--max_steps", "0"), "max_steps=0"),
+    # ddt with no row it can score: one line before the cache is opened (was an empty summary, then a plot error)
+    ("ddt-no-row-fits-max-length", lambda w: _ddt(w, "--max_length", "8"), "none of the 8 rows can be scored (too_long: 8"),
+    ("ddt-all-completions-empty", lambda w: _ddt(w, data="all_empty"), "none of the 3 rows can be scored (empty_completion: 3"),
+    # an output folder equal to the model folder, for the commands the rows above do not cover
+    ("dpo-output-is-model", lambda w: _pref("dpo", w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("simpo-output-is-model", lambda w: _pref("simpo", w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("realign-output-is-model", lambda w: _realign(w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("eval-output-is-model", lambda w: _eval(w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("quickstart-output-is-model", lambda w: _quickstart(w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("compare-config-no-path", lambda w: ["compare", "--config"], "`--config` needs the path"),
 ]
 
 

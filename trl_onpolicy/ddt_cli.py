@@ -355,6 +355,9 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
         from .models import resolve_model_path
 
         model_path = resolve_model_path(str(model_args.model_name_or_path))
+    # every row too long or empty: one error line now, not an empty summary (and a failed plot) after the scoring
+    ddt.check_some_row_scores(model, tokenizer, dataset, max_length=args.max_length,
+                              dataset_text_field=args.dataset_text_field)
     fingerprint = _cache_fingerprint(args, model_args, dataset, model, model_path)
     cache = _open_cache(out, fingerprint)
     n_chunks = math.ceil(len(dataset) / args.resume_chunk_rows)
