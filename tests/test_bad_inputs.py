@@ -53,6 +53,11 @@ def world(tmp_path_factory, tiny_model_dir):
     (root / "python_tag.yaml").write_text("model_name_or_path: !!python/object/apply:os.system ['echo pwned']\n")
     (root / "list.yaml").write_text("- model_name_or_path: x\n- dataset_name: y\n")
     w["python_tag"], w["list_yaml"] = root / "python_tag.yaml", root / "list.yaml"
+    (root / "compare_hub.yaml").write_text(json.dumps({  # JSON is YAML: a compare recipe whose model is an unknown Hub id
+        "model_name_or_path": HUB_ID, "output_dir": str(root / "out-compare"), "methods": ["base"],
+        "data": {"task": "chain_sum", "n": 4}, "budget": {"max_steps": 1},
+        "eval": {"sets": [{"name": "facts", "task": "facts", "n": 2, "role": "retention"}]}}))
+    w["compare_hub"] = root / "compare_hub.yaml"
     w["summary"] = root / "summary.json"
     w["summary"].write_text(json.dumps({"mean_phi": 0.1}) + "\n")
     w["scores"] = write_jsonl(root / "samples.jsonl", [{"index": i, "mean_phi": -0.1 * i} for i in range(8)])
@@ -105,6 +110,7 @@ def _quickstart(w, *extra):
 
 
 NAN, INF = "nan", "inf"
+HUB_ID = "trl-onpolicy-tests/no-such-model"  # looks like a Hub id (owner/name); the Hub (offline in tests) lacks it
 # (case id, argv builder, text the error must contain)
 CASES = [
     # TRL / transformers fields our training commands pass on
@@ -181,6 +187,12 @@ CASES = [
     ("eval-output-is-model", lambda w: _eval(w, "--output_dir", str(w["model"])), "would overwrite the input"),
     ("quickstart-output-is-model", lambda w: _quickstart(w, "--output_dir", str(w["model"])), "would overwrite the input"),
     ("compare-config-no-path", lambda w: ["compare", "--config"], "`--config` needs the path"),
+    # a model named like a Hub id that the Hub (or its offline cache) cannot provide: one line, not a traceback
+    ("train-unknown-hub-id", lambda w: _train(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
+    ("ddt-unknown-hub-id", lambda w: _ddt(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
+    ("eval-unknown-hub-id", lambda w: _eval(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
+    ("quickstart-unknown-hub-id", lambda w: _quickstart(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
+    ("compare-unknown-hub-id", lambda w: ["compare", "--config", str(w["compare_hub"])], f"model_name_or_path={HUB_ID!r} is not a local folder"),
 ]
 
 
