@@ -61,6 +61,9 @@ def world(tmp_path_factory, tiny_model_dir):
     w["summary"] = root / "summary.json"
     w["summary"].write_text(json.dumps({"mean_phi": 0.1}) + "\n")
     w["scores"] = write_jsonl(root / "samples.jsonl", [{"index": i, "mean_phi": -0.1 * i} for i in range(8)])
+    (root / "scored-other").mkdir()  # a ddt output made from other data: its summary's data fingerprint differs
+    w["other_scores"] = write_jsonl(root / "scored-other" / "samples.jsonl", [{"index": i, "mean_phi": -0.1} for i in range(8)])
+    (root / "scored-other" / "summary.json").write_text(json.dumps({"fingerprint": {"data": "not-this-data"}}))
     ckpt = root / "partial-checkpoint"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(b"\0" * 10)
@@ -187,6 +190,7 @@ CASES = [
     ("eval-output-is-model", lambda w: _eval(w, "--output_dir", str(w["model"])), "would overwrite the input"),
     ("quickstart-output-is-model", lambda w: _quickstart(w, "--output_dir", str(w["model"])), "would overwrite the input"),
     ("compare-config-no-path", lambda w: ["compare", "--config"], "`--config` needs the path"),
+    ("filter-scores-of-other-data", lambda w: _filter(w, "--scores_file", str(w["other_scores"])), "scores different data than this dataset"),
     # a model named like a Hub id that the Hub (or its offline cache) cannot provide: one line, not a traceback
     ("train-unknown-hub-id", lambda w: _train(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
     ("ddt-unknown-hub-id", lambda w: _ddt(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),

@@ -485,8 +485,9 @@ def _check_scores_match_data(scores_file, dataset) -> None:
         return  # an older run, or scores written elsewhere: the row count is still checked
     if recorded != data_fingerprint(dataset):
         raise ValueError(
-            f"scores_file {str(scores_file)!r} was computed on different data than {summary_file.parent} says this "
-            "dataset is (its content changed since `trl-onpolicy ddt` ran): score this dataset again."
+            f"scores_file {str(scores_file)!r} scores different data than this dataset (the data fingerprint in "
+            f"{summary_file} differs: another dataset, or this one changed since `trl-onpolicy ddt` ran); run "
+            "`trl-onpolicy ddt` on this dataset again."
         )
 
 
