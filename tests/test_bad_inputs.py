@@ -191,6 +191,8 @@ CASES = [
     ("quickstart-output-is-model", lambda w: _quickstart(w, "--output_dir", str(w["model"])), "would overwrite the input"),
     ("compare-config-no-path", lambda w: ["compare", "--config"], "`--config` needs the path"),
     ("filter-scores-of-other-data", lambda w: _filter(w, "--scores_file", str(w["other_scores"])), "scores different data than this dataset"),
+    ("quickstart-prompts-beyond-max-length", lambda w: _quickstart(w, "--max_length", "8", "--num_samples", "4"),
+     "every one of the 4 training rows is longer than max_length=8"),
     # a model named like a Hub id that the Hub (or its offline cache) cannot provide: one line, not a traceback
     ("train-unknown-hub-id", lambda w: _train(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
     ("ddt-unknown-hub-id", lambda w: _ddt(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from .idft_config import IDFTConfig
     from .idft_trainer import IDFTTrainer
     from .models import resolve_model_path
-    from .scripts.common import last_complete_checkpoint
+    from .scripts.common import last_complete_checkpoint, report_dropped_rows
 
     model_path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         dataloader_num_workers=0,
     )
     trainer = IDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    report_dropped_rows(trainer, dataset)  # rows whose prompt fills max_length: counted; none left is an error
 
     resume = last_complete_checkpoint(args.output_dir)  # a checkpoint cut short by an interruption is skipped
     print(
