@@ -284,12 +284,17 @@ def check_hub_model(name, what: str = "model_name_or_path", revision: str | None
     ``owner/name``, or no network is one line naming the field, not a traceback after the run has started."""
     if not isinstance(name, str) or not name or looks_like_local_path(name) or name.lower().startswith("embedded:"):
         return
-    from transformers import AutoConfig
+    from huggingface_hub import hf_hub_download
 
-    try:
-        AutoConfig.from_pretrained(name, **({"revision": revision} if revision not in (None, "main") else {}))
-    except OSError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    first = None
+    for file in ("config.json", "adapter_config.json"):  # a model, or a PEFT adapter; nothing is parsed (no remote code)
+        try:
+            hf_hub_download(name, file, revision=revision)
+            return
+        except (OSError, ValueError) as err:  # huggingface_hub's errors: not found, gated, offline cache miss, bad id
+            first = first or err
+    if first is not None:
+        reason = next((line.strip() for line in str(first).splitlines() if line.strip()), type(first).__name__)
         raise FileNotFoundError(
             f"{what}={name!r} is not a local folder and could not be loaded from the Hugging Face Hub ({reason}); "
             f"check the id, or give the path of a local model folder (./{name} if that is what you meant)."
