@@ -34,6 +34,8 @@ def world(tmp_path_factory, tiny_model_dir):
     rows = arithmetic_examples(4)
     rows[1] = dict(rows[1], completion=None)
     w["null_completion"] = write_jsonl(root / "null_completion.jsonl", rows)
+    w["all_empty"] = write_jsonl(root / "all_empty.jsonl", [dict(r, completion=[{"role": "assistant", "content": ""}])
+                                                            for r in arithmetic_examples(3)])
     prefs_bad = [dict(p) for p in prefs]
     prefs_bad[0]["rejected"] = ""
     w["empty_rejected"] = write_jsonl(root / "empty_rejected.jsonl", prefs_bad)
@@ -51,9 +53,17 @@ def world(tmp_path_factory, tiny_model_dir):
     (root / "python_tag.yaml").write_text("model_name_or_path: !!python/object/apply:os.system ['echo pwned']\n")
     (root / "list.yaml").write_text("- model_name_or_path: x\n- dataset_name: y\n")
     w["python_tag"], w["list_yaml"] = root / "python_tag.yaml", root / "list.yaml"
+    (root / "compare_hub.yaml").write_text(json.dumps({  # JSON is YAML: a compare recipe whose model is an unknown Hub id
+        "model_name_or_path": HUB_ID, "output_dir": str(root / "out-compare"), "methods": ["base"],
+        "data": {"task": "chain_sum", "n": 4}, "budget": {"max_steps": 1},
+        "eval": {"sets": [{"name": "facts", "task": "facts", "n": 2, "role": "retention"}]}}))
+    w["compare_hub"] = root / "compare_hub.yaml"
     w["summary"] = root / "summary.json"
     w["summary"].write_text(json.dumps({"mean_phi": 0.1}) + "\n")
     w["scores"] = write_jsonl(root / "samples.jsonl", [{"index": i, "mean_phi": -0.1 * i} for i in range(8)])
+    (root / "scored-other").mkdir()  # a ddt output made from other data: its summary's data fingerprint differs
+    w["other_scores"] = write_jsonl(root / "scored-other" / "samples.jsonl", [{"index": i, "mean_phi": -0.1} for i in range(8)])
+    (root / "scored-other" / "summary.json").write_text(json.dumps({"fingerprint": {"data": "not-this-data"}}))
     ckpt = root / "partial-checkpoint"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(b"\0" * 10)
@@ -103,6 +113,7 @@ def _quickstart(w, *extra):
 
 
 NAN, INF = "nan", "inf"
+HUB_ID = "trl-onpolicy-tests/no-such-model"  # looks like a Hub id (owner/name); the Hub (offline in tests) lacks it
 # (case id, argv builder, text the error must contain)
 CASES = [
     # TRL / transformers fields our training commands pass on
@@ -169,6 +180,25 @@ CASES = [
     ("quickstart-missing-model", lambda w: _quickstart(w, "--model_name_or_path", "./no/such/model"), "no such local folder"),
     ("realign-model-no-weights", lambda w: _realign(w, "--model_name_or_path", str(w["no_weights"])), "no weight files"),
     ("quickstart-steps-0", lambda w: _quickstart(w, "--max_steps", "0"), "max_steps=0"),
+    # ddt with no row it can score: one line before the cache is opened (was an empty summary, then a plot error)
+    ("ddt-no-row-fits-max-length", lambda w: _ddt(w, "--max_length", "8"), "none of the 8 rows can be scored (too_long: 8"),
+    ("ddt-all-completions-empty", lambda w: _ddt(w, data="all_empty"), "none of the 3 rows can be scored (empty_completion: 3"),
+    # an output folder equal to the model folder, for the commands the rows above do not cover
+    ("dpo-output-is-model", lambda w: _pref("dpo", w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("simpo-output-is-model", lambda w: _pref("simpo", w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("realign-output-is-model", lambda w: _realign(w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("eval-output-is-model", lambda w: _eval(w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("quickstart-output-is-model", lambda w: _quickstart(w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("compare-config-no-path", lambda w: ["compare", "--config"], "`--config` needs the path"),
+    ("filter-scores-of-other-data", lambda w: _filter(w, "--scores_file", str(w["other_scores"])), "scores different data than this dataset"),
+    ("quickstart-prompts-beyond-max-length", lambda w: _quickstart(w, "--max_length", "8", "--num_samples", "4"),
+     "every one of the 4 training rows is longer than max_length=8"),
+    # a model named like a Hub id that the Hub (or its offline cache) cannot provide: one line, not a traceback
+    ("train-unknown-hub-id", lambda w: _train(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
+    ("ddt-unknown-hub-id", lambda w: _ddt(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
+    ("eval-unknown-hub-id", lambda w: _eval(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
+    ("quickstart-unknown-hub-id", lambda w: _quickstart(w, "--model_name_or_path", HUB_ID), f"model_name_or_path={HUB_ID!r} is not a local folder"),
+    ("compare-unknown-hub-id", lambda w: ["compare", "--config", str(w["compare_hub"])], f"model_name_or_path={HUB_ID!r} is not a local folder"),
 ]
 
 

@@ -89,7 +89,9 @@ from .validation import (
     PROBABILITY_OPEN_LOW,
     Range,
     check_fields,
+    check_hub_model,
     check_input_path,
+    check_model_source,
     check_output_path,
     check_value,
     invalid,
@@ -818,6 +820,8 @@ class Comparison:
         c = self.cfg
         if looks_like_local_path(c.model_name_or_path):
             check_input_path(c.model_name_or_path, "model_name_or_path", must_be_dir=True)
+        check_model_source(c.model_name_or_path)  # a folder without weights
+        check_hub_model(c.model_name_or_path)  # an id the Hub (or its offline cache) cannot provide
         inputs = [self.model_path, c.data.path, c.metrics.general_prompts, c.metrics.nll_path]
         inputs += [s.path for s in c.eval_sets if s.path]
         check_output_path(c.output_dir, "output_dir", inputs=[p for p in inputs if p])

@@ -419,6 +419,29 @@ def check_tokenizer_fits(model, tokenizer) -> None:
         )
 
 
+def check_some_row_scores(model, tokenizer, dataset, *, max_length: int | None, dataset_text_field: str = "text",
+                          max_length_name: str = "max_length") -> None:
+    """Refuse, before any scoring, a dataset of which no row can be scored (every row too long for ``max_length``,
+    or with an empty completion...): the run would write an empty summary. Stops at the first row that encodes, so
+    a normal dataset costs one tokenization."""
+    n_rows = len(dataset)
+    if n_rows == 0:
+        raise ValueError("The dataset is empty.")
+    columns = list(dataset[0].keys()) if isinstance(dataset, list) else list(dataset.column_names)
+    encoder = Encoder(tokenizer, detect_format(columns, dataset_text_field), dataset_text_field, max_length,
+                      output_vocab_size(model))
+    reasons: dict[str, int] = {}
+    for i in range(n_rows):
+        try:
+            encoder(dataset[i])
+            return
+        except SkipSample as skip:
+            reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
+    hint = f"; raise {max_length_name}" if "too_long" in reasons else ""
+    raise ValueError(f"none of the {n_rows} rows can be scored ({', '.join(f'{k}: {v}' for k, v in reasons.items())}"
+                     f"{hint}; see ddt.SKIP_REASONS).")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # scoring
 

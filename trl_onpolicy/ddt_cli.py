@@ -355,6 +355,9 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
         from .models import resolve_model_path
 
         model_path = resolve_model_path(str(model_args.model_name_or_path))
+    # every row too long or empty: one error line now, not an empty summary (and a failed plot) after the scoring
+    ddt.check_some_row_scores(model, tokenizer, dataset, max_length=args.max_length,
+                              dataset_text_field=args.dataset_text_field)
     fingerprint = _cache_fingerprint(args, model_args, dataset, model, model_path)
     cache = _open_cache(out, fingerprint)
     n_chunks = math.ceil(len(dataset) / args.resume_chunk_rows)
@@ -482,8 +485,9 @@ def _check_scores_match_data(scores_file, dataset) -> None:
         return  # an older run, or scores written elsewhere: the row count is still checked
     if recorded != data_fingerprint(dataset):
         raise ValueError(
-            f"scores_file {str(scores_file)!r} was computed on different data than {summary_file.parent} says this "
-            "dataset is (its content changed since `trl-onpolicy ddt` ran): score this dataset again."
+            f"scores_file {str(scores_file)!r} scores different data than this dataset (the data fingerprint in "
+            f"{summary_file} differs: another dataset, or this one changed since `trl-onpolicy ddt` ran); run "
+            "`trl-onpolicy ddt` on this dataset again."
         )
 
 

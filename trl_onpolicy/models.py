@@ -172,9 +172,10 @@ def load_model(
 
     if not name_or_path:
         raise ValueError("No model given: pass --model_name_or_path (a folder, a Hub id, or embedded:smollm2-135m-instruct).")
-    from .validation import check_model_source
+    from .validation import check_hub_model, check_model_source
 
     check_model_source(name_or_path)  # a missing local folder or one without weights: say so, not "Hub id" errors
+    check_hub_model(name_or_path, revision=revision)  # an id the Hub (or its offline cache) cannot provide
     path = resolve_model_path(name_or_path)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hub_kwargs = {"revision": revision} if revision not in (None, "main") else {}

@@ -103,13 +103,14 @@ def _format_stats(label: str, s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .validation import (COUNT, TRAINING_ARGUMENT_RULES, check_fields, check_model_source, check_output_path,
-                             looks_like_local_path)
+    from .validation import (COUNT, TRAINING_ARGUMENT_RULES, check_fields, check_hub_model, check_model_source,
+                             check_output_path, looks_like_local_path)
 
     # every numeric flag before any work: the trainer's own (learning rate, lengths, ...) and the quickstart's
     check_fields(args, {**TRAINING_ARGUMENT_RULES, "max_steps": COUNT, "num_samples": COUNT, "save_steps": COUNT,
                         "max_length": COUNT, "max_solution_chars": COUNT, "stats_batch_size": COUNT}, owner="quickstart")
     check_model_source(args.model_name_or_path)
+    check_hub_model(args.model_name_or_path)
     model_inputs = [args.model_name_or_path] if looks_like_local_path(args.model_name_or_path) else []
     check_output_path(args.output_dir, "quickstart output_dir", inputs=model_inputs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from .idft_config import IDFTConfig
     from .idft_trainer import IDFTTrainer
     from .models import resolve_model_path
-    from .scripts.common import last_complete_checkpoint
+    from .scripts.common import last_complete_checkpoint, report_dropped_rows
 
     model_path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         dataloader_num_workers=0,
     )
     trainer = IDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    report_dropped_rows(trainer, dataset)  # rows whose prompt fills max_length: counted; none left is an error
 
     resume = last_complete_checkpoint(args.output_dir)  # a checkpoint cut short by an interruption is skipped
     print(

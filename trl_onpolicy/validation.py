@@ -278,6 +278,29 @@ def check_model_source(name, what: str = "model_name_or_path") -> None:
         raise FileNotFoundError(f"{what}={name!r}: the folder has no weight files (*.safetensors or *.bin).")
 
 
+def check_hub_model(name, what: str = "model_name_or_path", revision: str | None = None) -> None:
+    """A model named by a Hub id (not a local folder, not an embedded alias) must be reachable: its config is
+    fetched now (from the local Hub cache when offline), so a misspelt id, a missing local folder written as
+    ``owner/name``, or no network is one line naming the field, not a traceback after the run has started."""
+    if not isinstance(name, str) or not name or looks_like_local_path(name) or name.lower().startswith("embedded:"):
+        return
+    from huggingface_hub import hf_hub_download
+
+    first = None
+    for file in ("config.json", "adapter_config.json"):  # a model, or a PEFT adapter; nothing is parsed (no remote code)
+        try:
+            hf_hub_download(name, file, revision=revision)
+            return
+        except (OSError, ValueError) as err:  # huggingface_hub's errors: not found, gated, offline cache miss, bad id
+            first = first or err
+    if first is not None:
+        reason = next((line.strip() for line in str(first).splitlines() if line.strip()), type(first).__name__)
+        raise FileNotFoundError(
+            f"{what}={name!r} is not a local folder and could not be loaded from the Hugging Face Hub ({reason}); "
+            f"check the id, or give the path of a local model folder (./{name} if that is what you meant)."
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------------------------- data
 TEXT_DATA_SUFFIXES = (".json", ".jsonl", ".csv")
 

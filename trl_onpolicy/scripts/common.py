@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..validation import check_model_source, check_nonempty_column, check_output_path
+from ..validation import check_hub_model, check_model_source, check_nonempty_column, check_output_path
 
 # column sets a trainer accepts, by kind of trainer (any one set must be present)
 SFT_COLUMNS = (("messages",), ("prompt", "completion"), ("text",), ("input_ids",))
@@ -202,6 +202,10 @@ def resolve_model(name: str, dry_run: bool = False) -> tuple[str | None, str]:
         return str(Path(name).expanduser()), f"local folder {name}"
     if dry_run:
         return None, f"would load {name!r} from the Hugging Face Hub (not downloaded in a dry run)"
+    try:
+        check_hub_model(name)  # an unreachable id: one line now, not a traceback from the trainer
+    except FileNotFoundError as e:
+        raise RecipeError(str(e)) from e
     return name, f"Hub model {name!r}"
 
 
