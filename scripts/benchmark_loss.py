@@ -205,17 +205,15 @@ def make_trainer(variant: str, args, callbacks=()):
     return trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=list(callbacks))
 
 
-def run_worker(args) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+def step_timer(cuda: bool):
+    """A Trainer callback that appends each optimizer step's wall time (CUDA-synchronised) to its ``times`` list."""
     import torch
     from transformers import TrainerCallback
 
-    variant = args._worker
-    cuda = torch.cuda.is_available()
-    times: list[float] = []
-
     class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
         def on_step_begin(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
@@ -224,9 +222,22 @@ def run_worker(args) -> None:
         def on_step_end(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
+            self.times.append(time.perf_counter() - self.t0)
 
-    trainer = make_trainer(variant, args, [StepTimer()])
+    return StepTimer()
+
+
+def run_worker(args) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+
+    variant = args._worker
+    cuda = torch.cuda.is_available()
+    timer = step_timer(cuda)
+    times = timer.times
+
+    trainer = make_trainer(variant, args, [timer])
     model = trainer.model
     vocab = model.config.get_text_config().vocab_size
     rss_before_kib = _current_rss_kib()

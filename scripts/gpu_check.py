@@ -178,8 +178,9 @@ def train_rows(n: int) -> list[dict]:
 
 
 def section_train(args, out_dir: Path, model_folder: str | None) -> dict:
+    import benchmark_loss
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from trl_onpolicy import IDFTConfig, IDFTTrainer
@@ -198,20 +199,6 @@ def section_train(args, out_dir: Path, model_folder: str | None) -> dict:
                     AutoTokenizer.from_pretrained(model_folder))
         return random_smollm2()
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t0)
-
     def run(trainer_cls, config_cls, **loss_kw):
         model, tok = build_model()
         if tok.pad_token is None:
@@ -220,7 +207,7 @@ def section_train(args, out_dir: Path, model_folder: str | None) -> dict:
             output_dir=tempfile.mkdtemp(prefix="gpu-check-train-"), max_steps=steps, per_device_train_batch_size=batch,
             learning_rate=2e-5, logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
             dataloader_num_workers=0, max_length=256, bf16=cuda, use_cpu=not cuda, **loss_kw)
-        timer = StepTimer()
+        timer = benchmark_loss.step_timer(cuda)
         torch.manual_seed(0)
         trainer = trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(train_rows(steps * batch)),
                               processing_class=tok, callbacks=[timer])
