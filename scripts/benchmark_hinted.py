@@ -163,6 +163,21 @@ def authors_step(model, hinted_prefix, plain_prefix, args, generator, device):
     return int(select_tokens(log_m[None], temperature=args.temperature, top_p=args.top_p, generators=generator)[0])
 
 
+def interleaved(model, tok, hinted, plain, n_new, args, device, rounds):
+    """Time `generate` and `hinted_decode` in alternating order (A B, B A, ...) so drift hits both alike; yields
+    ``(round, "generate" | "hinted", seconds, output)`` after checking each ran the full ``n_new`` tokens."""
+    b = len(hinted)
+    for rnd in range(rounds):
+        for which in (["generate", "hinted"] if rnd % 2 == 0 else ["hinted", "generate"]):
+            if which == "generate":
+                out, dt = timed(lambda: run_generate(model, tok, hinted, n_new, args, device), device)
+                assert out.shape == (b, n_new), out.shape
+            else:
+                out, dt = timed(lambda: run_hinted(model, tok, hinted, plain, n_new, args), device)
+                assert all(len(r.token_ids) == n_new and r.finish_reason == "length" for r in out)
+            yield rnd, which, dt, out
+
+
 def sweep_model(name, lengths, args, device, dtype, rounds=None, label=None):
     """Interleaved A/B rounds of generate and hinted_decode at every length; one row per length. ``name``: see
     `load_model`; ``rounds``: default ``args.rounds``; ``label``: the model's name in the rows (default ``name``)."""
@@ -176,19 +191,10 @@ def sweep_model(name, lengths, args, device, dtype, rounds=None, label=None):
     rows = []
     for n_new in lengths:
         t_gen, t_hint = [], []
-        for rnd in range(rounds):
-            order = ["generate", "hinted"] if rnd % 2 == 0 else ["hinted", "generate"]
-            for which in order:
-                if which == "generate":
-                    out, dt = timed(lambda: run_generate(model, tok, hinted, n_new, args, device), device)
-                    assert out.shape == (b, n_new), out.shape
-                    t_gen.append(dt)
-                else:
-                    res, dt = timed(lambda: run_hinted(model, tok, hinted, plain, n_new, args), device)
-                    assert all(len(r.token_ids) == n_new and r.finish_reason == "length" for r in res)
-                    t_hint.append(dt)
-                print(f"  {name} {n_new:>5} tokens round {rnd}: {which} {dt:.2f} s ({b * n_new / dt:.0f} tok/s)",
-                      flush=True)
+        for rnd, which, dt, _ in interleaved(model, tok, hinted, plain, n_new, args, device, rounds):
+            (t_gen if which == "generate" else t_hint).append(dt)
+            print(f"  {name} {n_new:>5} tokens round {rnd}: {which} {dt:.2f} s ({b * n_new / dt:.0f} tok/s)",
+                  flush=True)
         med_gen, med_hint = statistics.median(t_gen), statistics.median(t_hint)
         rows.append(dict(model=name, new_tokens=n_new, batch_size=b, rounds=rounds,
                          seconds_generate=t_gen, seconds_hinted=t_hint,
@@ -279,20 +285,15 @@ def main(argv=None):
     run_generate(model, tok, hinted[:2], 4, args, device)
 
     t_gen, t_hint, results = [], [], None
-    for rep in range(args.repeats):
-        order = ["generate", "hinted"] if rep % 2 == 0 else ["hinted", "generate"]
-        for which in order:
-            if which == "generate":
-                out, dt = timed(lambda: run_generate(model, tok, hinted, n_new, args, device), device)
-                assert out.shape == (b, n_new), out.shape
-                t_gen.append(dt)
-                w_gen = WALL[-1]
-            else:
-                results, dt = timed(lambda: run_hinted(model, tok, hinted, plain, n_new, args), device)
-                assert all(len(r.token_ids) == n_new and r.finish_reason == "length" for r in results)
-                t_hint.append(dt)
-                w_hint = WALL[-1]
-            print(f"  {which}: {dt:.1f} s timed ({b * n_new / dt:.1f} tok/s), {WALL[-1]:.1f} s wall", flush=True)
+    for _, which, dt, out in interleaved(model, tok, hinted, plain, n_new, args, device, args.repeats):
+        if which == "generate":
+            t_gen.append(dt)
+            w_gen = WALL[-1]
+        else:
+            results = out
+            t_hint.append(dt)
+            w_hint = WALL[-1]
+        print(f"  {which}: {dt:.1f} s timed ({b * n_new / dt:.1f} tok/s), {WALL[-1]:.1f} s wall", flush=True)
 
     # baseline (b): spot-time the authors' per-token step at evenly spaced positions of the real prefixes
     gen = torch.Generator(device=device).manual_seed(args.seed)
