@@ -241,6 +241,29 @@ def test_two_shards_share_one_sweep(tmp_path, tiny_model_dir, run_calls):
         compare.main(["--config", str(path), "--shard", "2/2"])
 
 
+def test_auto_shard_skips_units_another_process_holds(tmp_path, tiny_model_dir, run_calls, capsys):
+    import fcntl
+
+    extra = {"sweep": {"learning_rates": [1e-3, 1e-2]}, "metrics": {**METRICS, "kl": False, "nll": False}}
+    path = _recipe(tmp_path, tiny_model_dir, ["base", "sft"], **extra)
+    comparison = Comparison(compare.load_config_file(str(path), {}))
+    held = next(u for u in comparison.units() if u.key == "sft/lr=1e-3/seed=0")
+    claim = comparison.claim_path(held)
+    claim.parent.mkdir(parents=True)
+    with open(claim, "a") as fh:  # "another process" (an independent open file, as a second process would have)
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert compare.main(["--config", str(path), "--shard", "auto"]) == 0
+        assert run_calls == ["base", "sft/lr=1e-2/seed=0"]
+        assert "sft/lr=1e-3/seed=0: another process is running it, skipping" in capsys.readouterr().out
+        assert set(_units(tmp_path)) == {"base", "sft/lr=1e-2/seed=0"}
+        # a fixed shard respects the claim too: nothing is trained twice
+        assert compare.main(["--config", str(path)]) == 0 and len(run_calls) == 2
+    # released (the holder exited): the next process takes it, and its report holds every unit
+    assert compare.main(["--config", str(path), "--shard", "auto"]) == 0
+    assert run_calls == ["base", "sft/lr=1e-2/seed=0", "sft/lr=1e-3/seed=0"]
+    assert set(_units(tmp_path)) == {"base", "sft/lr=1e-3/seed=0", "sft/lr=1e-2/seed=0"}
+
+
 def test_stale_units_are_recomputed(tmp_path, tiny_model_dir, run_calls, capsys):
     import shutil
 

@@ -21,8 +21,11 @@
 - ``num_threads``: torch CPU threads (on a shared CPU, 1 can be many times faster than the default);
 - ``only``: method labels (a list or ``--only base,sft``) to run now out of the recipe's ``methods``, keeping their
   settings (e.g. a first pass before the best rates of the other methods are known);
-- ``shard``: ``"i/n"`` runs every n-th unit starting at i, so n processes can share the sweep (``--shard 0/2`` and
-  ``--shard 1/2`` on two cores); any process's final report includes the other shards' finished units;
+- ``shard``: ``"auto"`` lets any number of processes share the sweep: each takes the next unit that is neither
+  finished nor held by another process (start one per core with ``--shard auto``; they balance themselves);
+  ``"i/n"`` runs every n-th unit starting at i (a fixed split). A unit is claimed with a lock file under
+  ``output_dir/.claims`` while it runs, so two processes never train the same unit, whatever their shard settings; a
+  process's final report includes every unit finished by then;
 - ``pairs`` (DPO/SimPO, `trl_onpolicy.preferences.PairConfig` fields), ``hinted`` (`trl_onpolicy.realign.RealignConfig`
   fields for the Hinted-Decoding corpus), ``online`` (`trl_onpolicy.hinted_online.HintedDataCollator` keyword
   arguments: decoding settings of online IDFT), ``sdft`` (settings of `trl_onpolicy.sdft.train_sdft`).
@@ -326,15 +329,16 @@ class CompareConfig:
     @property
     def shard_index(self) -> tuple[int, int]:
         """``(i, n)`` of ``shard: "i/n"``: this process runs units i, i + n, i + 2n, ... (0-based) of the sweep, so n
-        processes (one per core, ``num_threads: 1``) share one output folder; ``(0, 1)`` without sharding."""
-        if not self.shard:
+        processes (one per core, ``num_threads: 1``) share one output folder; ``(0, 1)`` without sharding and with
+        ``shard: "auto"`` (every unit is open to this process; claims keep processes apart)."""
+        if not self.shard or str(self.shard) == "auto":
             return 0, 1
         try:
             i, n = (int(x) for x in str(self.shard).split("/"))
         except ValueError:
-            raise invalid(None, "shard", self.shard, "expected 'i/n' with 0 <= i < n, e.g. '0/2'") from None
+            raise invalid(None, "shard", self.shard, "expected 'auto' or 'i/n' with 0 <= i < n, e.g. '0/2'") from None
         if not 0 <= i < n:
-            raise invalid(None, "shard", self.shard, "expected 'i/n' with 0 <= i < n, e.g. '0/2'")
+            raise invalid(None, "shard", self.shard, "expected 'auto' or 'i/n' with 0 <= i < n, e.g. '0/2'")
         return i, n
 
     def seeds_of(self, spec: MethodSpec) -> list[int]:
@@ -533,6 +537,29 @@ def _file_lock(path: Path):
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _claim(path: Path):
+    """Try to hold ``path`` exclusively without waiting: yields True while this process holds it, False when another
+    process does. The operating system drops the lock when its holder exits, however it exits, so a killed run never
+    leaves a unit claimed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX: no claims, fixed shards only
+        yield True
+        return
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -1295,38 +1322,66 @@ class Comparison:
         index, count = self.cfg.shard_index
         results: dict[str, dict] = {}
         for i, unit in enumerate(units, 1):
-            path = self.result_path(unit)
-            fp = self.unit_fingerprint(unit)
-            settings = self.unit_settings(unit)
-            previous = _read_json(path) if path.is_file() else None
             tag = f"[compare] ({i}/{len(units)}) {unit.key}"
             if self.cfg.report_only or (i - 1) % count != index:
-                # another shard's unit (or a report-only run): reported when it has finished under this config
-                if previous is not None and previous.get("status") == "ok" and not changed_keys(previous.get("fingerprint"), fp):
-                    results[unit.key] = previous
-                continue
-            if previous is not None:
-                changed = changed_keys(previous.get("fingerprint"), fp)
-                if previous.get("fingerprint") is None:
-                    print(f"{tag}: the stored result has no fingerprint (an older compare wrote it); recomputing it", flush=True)
-                elif changed:
-                    detail = _changed_settings(previous.get("settings") or {}, settings) if "settings" in changed else []
-                    what = ", ".join(changed) + (f" ({', '.join(detail)})" if detail else "")
-                    print(f"{tag}: the stored result was produced from a different {what}; recomputing it", flush=True)
-                elif previous.get("status") == "ok" or not self.cfg.rerun_failed:
-                    print(f"{tag}: already done ({previous.get('status')}), skipping", flush=True)
-                    results[unit.key] = previous
+                continue  # another shard's unit (or a report-only run): reported below once it has finished
+            with _claim(self.claim_path(unit)) as held:
+                if not held:
+                    print(f"{tag}: another process is running it, skipping", flush=True)
                     continue
-            print(f"{tag}: running", flush=True)
-            result = self.run_unit(unit)
-            result["fingerprint"] = fp
-            result["settings"] = settings
-            write_json_atomic(path, result)
-            results[unit.key] = result
-            msg = result.get("error", "")
-            print(f"{tag}: {result['status']} in {result['wall_seconds']:.0f} s {msg}".rstrip(), flush=True)
-            self.report(results, plots=False)  # tables after every unit; plots at the end
-        return self.report(results)
+                results[unit.key], ran = self._run_claimed(unit, tag)
+            if ran:
+                self.report(self._with_others(units, results), plots=False)  # tables after every unit; plots at the end
+        return self.report(self._with_others(units, results))
+
+    def _with_others(self, units: list[Unit], results: dict) -> dict:
+        """``results`` plus the units other processes have finished by now, in the sweep's order."""
+        out = {}
+        for unit in units:
+            done = results.get(unit.key) or self.finished(unit)
+            if done is not None:
+                out[unit.key] = done
+        return out
+
+    def claim_path(self, unit: Unit) -> Path:
+        """The lock file a process holds while it runs ``unit`` (outside the unit's folder, which a run may replace)."""
+        name = unit.spec.label if unit.spec.name == "base" and unit.seed is None else f"{unit.spec.label}_{unit.folder_name}"
+        return self.out / ".claims" / f"{name}.lock"
+
+    def finished(self, unit: Unit) -> dict | None:
+        """The stored result of ``unit`` when it finished (status ok) under this configuration, else None."""
+        path = self.result_path(unit)
+        previous = _read_json(path) if path.is_file() else None
+        if previous is not None and previous.get("status") == "ok" and not changed_keys(previous.get("fingerprint"), self.unit_fingerprint(unit)):
+            return previous
+        return None
+
+    def _run_claimed(self, unit: Unit, tag: str) -> tuple[dict, bool]:
+        """Run ``unit`` (held by this process) unless its stored result is current (finished, or failed with
+        ``rerun_failed: false``); returns the result and whether it ran now."""
+        path = self.result_path(unit)
+        fp = self.unit_fingerprint(unit)
+        settings = self.unit_settings(unit)
+        previous = _read_json(path) if path.is_file() else None  # read under the claim: another process may have just finished it
+        if previous is not None:
+            changed = changed_keys(previous.get("fingerprint"), fp)
+            if previous.get("fingerprint") is None:
+                print(f"{tag}: the stored result has no fingerprint (an older compare wrote it); recomputing it", flush=True)
+            elif changed:
+                detail = _changed_settings(previous.get("settings") or {}, settings) if "settings" in changed else []
+                what = ", ".join(changed) + (f" ({', '.join(detail)})" if detail else "")
+                print(f"{tag}: the stored result was produced from a different {what}; recomputing it", flush=True)
+            elif previous.get("status") == "ok" or not self.cfg.rerun_failed:
+                print(f"{tag}: already done ({previous.get('status')}), skipping", flush=True)
+                return previous, False
+        print(f"{tag}: running", flush=True)
+        result = self.run_unit(unit)
+        result["fingerprint"] = fp
+        result["settings"] = settings
+        write_json_atomic(path, result)
+        msg = result.get("error", "")
+        print(f"{tag}: {result['status']} in {result['wall_seconds']:.0f} s {msg}".rstrip(), flush=True)
+        return result, True
 
     def config_dict(self) -> dict:
         c = self.cfg
