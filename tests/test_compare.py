@@ -175,6 +175,7 @@ def test_sweep_two_methods_two_rates_two_seeds(tmp_path, tiny_model_dir, run_cal
     assert (out / "compare_accuracy.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "## Frontier summary" in md and "## Paired differences vs SFT" in md and "frontier.png" in md
+    assert "## Each method at its best rate vs SFT at its best rate" in md and [r["label"] for r in payload["best_vs_best"]] == ["dft"]
     assert "| dft | 1e-2 | 2/2 |" in md
     best_sft = max((1e-3, 1e-2), key=lambda lr: groups[("sft", lr)]["metrics"]["in_domain_gain"]["mean"])
     assert f"sft {'1e-3' if best_sft == 1e-3 else '1e-2'}" in md.split("Best learning rate per method")[1].splitlines()[0]
@@ -190,6 +191,32 @@ def test_t_interval_matches_reference():
     assert stat["ci_high"] - stat["mean"] == pytest.approx(4.303 * sd / math.sqrt(3))
     assert compare_report.t_interval([0.3])["ci_low"] is None
     assert compare_report.t_interval([None]) is None
+
+
+def test_best_rate_vs_best_rate_pairs_on_seed():
+    """Each method's best-rate group against SFT's best-rate group, paired seed by seed (a naive recomputation)."""
+    acc = {  # (label, lr) -> in-domain accuracy per seed
+        ("sft", 1e-5): [0.30, 0.32, 0.28], ("sft", 3e-5): [0.50, 0.44, 0.47],
+        ("idft", 1e-5): [0.20, 0.15, 0.16], ("idft", 3e-5): [0.10, 0.40, 0.30],  # 3e-5 has the higher mean
+        ("dpo", 1e-5): [0.40, 0.30, None],  # seed 2 failed: paired on seeds 0 and 1 only
+    }
+    groups = [{"label": "base", "method": "base", "learning_rate": None, "per_seed": {None: {"in_domain_acc": 0.17}},
+               "metrics": {"in_domain_gain": {"mean": 0.0}}}]
+    for (label, lr), values in acc.items():
+        per_seed = {s: {m: (v if m == "in_domain_acc" else 0.0) for m in compare_report.PAIRED}
+                    for s, v in enumerate(values) if v is not None}
+        gain = statistics.mean(v - 0.17 for v in values if v is not None)
+        groups.append({"label": label, "method": label, "learning_rate": lr, "per_seed": per_seed,
+                       "metrics": {"in_domain_gain": {"mean": gain}}})
+    rows = {r["label"]: r for r in compare_report.best_vs_best(groups)}
+    assert set(rows) == {"idft", "dpo"}  # neither base nor SFT against itself
+    assert rows["idft"]["learning_rate"] == 3e-5 and rows["idft"]["sft_learning_rate"] == 3e-5
+    diffs = [a - b for a, b in zip(acc[("idft", 3e-5)], acc[("sft", 3e-5)])]
+    d = rows["idft"]["diff"]["in_domain_acc"]
+    assert d["mean"] == pytest.approx(statistics.mean(diffs))
+    assert d["ci_low"] == pytest.approx(statistics.mean(diffs) - 4.303 * statistics.stdev(diffs) / math.sqrt(3))
+    assert rows["dpo"]["seeds"] == [0, 1]
+    assert rows["dpo"]["diff"]["in_domain_acc"]["mean"] == pytest.approx(statistics.mean([0.40 - 0.50, 0.30 - 0.44]))
 
 
 def test_resume_after_a_half_finished_sweep(tmp_path, tiny_model_dir, run_calls, monkeypatch):

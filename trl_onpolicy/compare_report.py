@@ -11,6 +11,8 @@ Input: the per-unit results (one per method x learning rate x seed, as `Comparis
 - paired differences against SFT: for each group, (method - SFT) on every seed both finished (same seed, hence the
   same data order and initial randomness), then the mean and t-interval of those differences. The SFT rate it is
   paired with is the same rate when SFT ran it, else SFT's best rate (highest mean in-domain gain);
+- each method at its best rate against SFT at its best rate, paired the same way (the "which method is better, each
+  tuned" question); the best rate is chosen on the same evaluation, so both sides are optimistic alike;
 - ``results.md`` (tables), ``results.json`` (everything), ``frontier.png`` (in-domain gain against KL to base, one point
   per learning rate with seed intervals on both axes; retention change against in-domain gain) and
   ``compare_accuracy.png`` (accuracy per set and group).
@@ -127,7 +129,7 @@ def aggregate(results: dict, sets) -> dict:
         g["metrics"] = {m: t_interval([p.get(m) for p in per]) for m in AGGREGATED}
         g["set_metrics"] = {name: t_interval([p["sets"][name]["accuracy"] for p in per if name in p["sets"]]) for name in set_keys}
     ordered = list(groups.values())
-    return {"units": units, "groups": ordered, "paired": paired_vs_sft(ordered)}
+    return {"units": units, "groups": ordered, "paired": paired_vs_sft(ordered), "best_vs_best": best_vs_best(ordered)}
 
 
 def _best(groups: list[dict]) -> dict | None:
@@ -142,9 +144,24 @@ def _best(groups: list[dict]) -> dict | None:
     return max(finished, key=score) if finished else None
 
 
+def _paired(g: dict, ref: dict) -> tuple[list, dict]:
+    """The seeds both groups finished and the t-interval of (g - ref) over them, per metric of PAIRED."""
+    seeds = [s for s in g["per_seed"] if s in ref["per_seed"]]
+    diffs = {}
+    for m in PAIRED:
+        values = [g["per_seed"][s].get(m) - ref["per_seed"][s].get(m) for s in seeds
+                  if g["per_seed"][s].get(m) is not None and ref["per_seed"][s].get(m) is not None]
+        diffs[m] = t_interval(values)
+    return seeds, diffs
+
+
+def _sft_groups(groups: list[dict]) -> list[dict]:
+    return [g for g in groups if g["method"] == "sft" and g["label"] == "sft"] or [g for g in groups if g["method"] == "sft"]
+
+
 def paired_vs_sft(groups: list[dict]) -> list[dict]:
     """(method - SFT) per shared seed, aggregated with a t-interval; one row per non-SFT, non-base group."""
-    sft = [g for g in groups if g["method"] == "sft" and g["label"] == "sft"] or [g for g in groups if g["method"] == "sft"]
+    sft = _sft_groups(groups)
     if not sft:
         return []
     best = _best(sft)
@@ -155,15 +172,29 @@ def paired_vs_sft(groups: list[dict]) -> list[dict]:
         ref = next((s for s in sft if s["learning_rate"] == g["learning_rate"] and s["per_seed"]), best)
         if ref is None:
             continue
-        seeds = [s for s in g["per_seed"] if s in ref["per_seed"]]
-        diffs = {}
-        for m in PAIRED:
-            values = [g["per_seed"][s].get(m) - ref["per_seed"][s].get(m) for s in seeds
-                      if g["per_seed"][s].get(m) is not None and ref["per_seed"][s].get(m) is not None]
-            diffs[m] = t_interval(values)
+        seeds, diffs = _paired(g, ref)
         rows.append({"label": g["label"], "method": g["method"], "learning_rate": g["learning_rate"],
                      "sft_learning_rate": ref["learning_rate"], "sft_rate_rule": "same rate" if ref["learning_rate"] == g["learning_rate"] else "SFT's best rate",
                      "seeds": seeds, "diff": diffs})
+    return rows
+
+
+def best_vs_best(groups: list[dict]) -> list[dict]:
+    """Each method label at its best rate (highest mean in-domain gain) minus SFT at its best rate, paired on seed;
+    one row per label other than base and SFT."""
+    sft = _best(_sft_groups(groups))
+    if sft is None:
+        return []
+    rows = []
+    for label in dict.fromkeys(g["label"] for g in groups):
+        if label == sft["label"] or any(g["method"] == "base" for g in groups if g["label"] == label):
+            continue
+        g = _best([g for g in groups if g["label"] == label])
+        if g is None:
+            continue
+        seeds, diffs = _paired(g, sft)
+        rows.append({"label": label, "method": g["method"], "learning_rate": g["learning_rate"],
+                     "sft_learning_rate": sft["learning_rate"], "seeds": seeds, "diff": diffs})
     return rows
 
 
@@ -235,19 +266,28 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
                           + [_stat(g["set_metrics"].get(s.name)) for s in sets]))
     lines.append("")
 
+    head = ["method", "lr", "SFT lr", "seeds", "Δ in-domain (pts)", "Δ retention (pts)", "Δ ood (pts)",
+            "Δ KL in-domain", "Δ KL general", "Δ held-out NLL"]
+
+    def diff_rows(rows, rule):
+        out = [_row(head), "|" + "---|" * len(head)]
+        for p in rows:
+            d = p["diff"]
+            out.append(_row([p["label"], _rate(p["learning_rate"]), f"{_rate(p['sft_learning_rate'])}{rule(p)}",
+                             len(p["seeds"]), _stat(d["in_domain_acc"], signed=True), _stat(d["retention_acc"], signed=True),
+                             _stat(d["ood_acc"], signed=True), _stat(d["kl_in_domain"], 1, 4, True),
+                             _stat(d["kl_general"], 1, 4, True), _stat(d["heldout_nll"], 1, 3, True)]))
+        return out + [""]
+
+    if agg.get("best_vs_best"):
+        lines += ["## Each method at its best rate vs SFT at its best rate (method − SFT, paired on seed; mean [95% t-interval])",
+                  "", "Each side's best rate is the one with the highest mean in-domain gain on this same evaluation, so both "
+                  "are optimistic alike. An interval that excludes 0 is an ordering that holds across seeds at this scale.", ""]
+        lines += diff_rows(agg["best_vs_best"], lambda p: "")
     if paired:
         lines += ["## Paired differences vs SFT (method − SFT on the same seed and data order; mean [95% t-interval])",
                   "", "An interval that excludes 0 is a difference that holds across seeds at this scale.", ""]
-        head = ["method", "lr", "SFT lr", "seeds", "Δ in-domain (pts)", "Δ retention (pts)", "Δ ood (pts)",
-                "Δ KL in-domain", "Δ KL general", "Δ held-out NLL"]
-        lines += [_row(head), "|" + "---|" * len(head)]
-        for p in paired:
-            d = p["diff"]
-            lines.append(_row([p["label"], _rate(p["learning_rate"]), f"{_rate(p['sft_learning_rate'])} ({p['sft_rate_rule']})",
-                               len(p["seeds"]), _stat(d["in_domain_acc"], signed=True), _stat(d["retention_acc"], signed=True),
-                               _stat(d["ood_acc"], signed=True), _stat(d["kl_in_domain"], 1, 4, True),
-                               _stat(d["kl_general"], 1, 4, True), _stat(d["heldout_nll"], 1, 3, True)]))
-        lines.append("")
+        lines += diff_rows(paired, lambda p: f" ({p['sft_rate_rule']})")
 
     lines += ["## Per unit (accuracy with its Wilson 95% interval over problems)", ""]
     head = ["unit", "status"] + [f"{s.name} %" for s in sets] + ["KL in-domain", "KL general", "held-out NLL",
@@ -420,7 +460,8 @@ def write_report(results: dict, cfg, out: Path, config: dict, plots: bool = True
     note = (f"Sweep: methods {list(dict.fromkeys(g['label'] for g in agg['groups']))}; seeds {seeds}; learning rates "
             f"{[_rate(r) for r in rates]} (per-method grids in the config); budget {cfg.budget.max_steps} steps x "
             f"{cfg.budget.per_device_train_batch_size * cfg.budget.gradient_accumulation_steps} samples.")
-    payload = {"config": config, "units": agg["units"], "groups": agg["groups"], "paired": agg["paired"]}
+    payload = {"config": config, "units": agg["units"], "groups": agg["groups"], "paired": agg["paired"],
+               "best_vs_best": agg["best_vs_best"]}
     write_json_atomic(out / "results.json", payload)
     md = results_markdown(agg, cfg.eval_sets, cfg.title, note)
     drawn = []
