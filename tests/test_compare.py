@@ -193,6 +193,20 @@ def test_t_interval_matches_reference():
     assert compare_report.t_interval([None]) is None
 
 
+def test_entries_of_one_label_add_units(tmp_path, tiny_model_dir):
+    """A rate scan at one seed, then the best rate at every seed: two entries of one method, one set of units (the unit
+    both name runs once) under one label, so the report groups them together."""
+    methods = ["base", {"name": "dpo", "args": {"beta": 0.1}, "learning_rates": [1e-3, 1e-2], "seeds": [0]},
+               {"name": "dpo", "args": {"beta": 0.1}, "learning_rates": [1e-3], "seeds": [0, 1, 2]}]
+    path = _recipe(tmp_path, tiny_model_dir, methods)
+    comparison = Comparison(compare.load_config_file(str(path), {}))
+    keys = [u.key for u in comparison.units()]
+    assert keys == ["base", "dpo/lr=1e-3/seed=0", "dpo/lr=1e-2/seed=0", "dpo/lr=1e-3/seed=1", "dpo/lr=1e-3/seed=2"]
+    assert len({comparison.result_path(u) for u in comparison.units()}) == 5
+    only = Comparison(compare.load_config_file(str(path), {"only": "dpo"}))
+    assert [u.key for u in only.units()] == keys[1:]
+
+
 def test_best_rate_vs_best_rate_pairs_on_seed():
     """Each method's best-rate group against SFT's best-rate group, paired seed by seed (a naive recomputation)."""
     acc = {  # (label, lr) -> in-domain accuracy per seed
@@ -370,6 +384,9 @@ def test_failures_exit_nonzero_and_others_go_on(tmp_path, tiny_model_dir, monkey
         ({"sweep": {"learning_rates": [1e-4, float("nan")]}}, "sweep.learning_rates[1]=nan is invalid"),
         ({"methods": [{"name": "sft", "learning_rates": [float("inf")]}]}, "learning_rates[0]=inf is invalid"),
         ({"methods": [{"name": "dpo", "args": {"beta": -1.0}}]}, "methods[dpo].args.beta=-1.0 is invalid"),
+        ({"methods": [{"name": "dpo", "args": {"beta": 0.1}}, {"name": "dpo", "args": {"beta": 0.5}}]},
+         "Two `methods` entries use the label 'dpo' with different settings"),
+        ({"methods": [{"name": "sft", "label": "x"}, {"name": "dft", "label": "x"}]}, "use the label 'x' with different settings"),
         ({"methods": [{"name": "sft", "args": {"no_such_field": 1}}]}, "no_such_field"),
         ({"budget": {"max_steps": 0}}, "budget.max_steps=0 is invalid"),
         ({"eval": {"temperature": float("nan"), "sets": SETS}}, "eval.temperature=nan is invalid"),
@@ -418,8 +435,8 @@ def test_recipe_errors_name_the_key(tmp_path, tiny_model_dir):
         parse_config({**good, "methods": [{"name": "sft", "args": {"max_steps": 100}}]})
     with pytest.raises(ValueError, match="both args.learning_rate and learning_rates"):
         parse_config({**good, "methods": [{"name": "sft", "args": {"learning_rate": 1e-4}, "learning_rates": [1e-4]}]})
-    with pytest.raises(ValueError, match="unique"):
-        parse_config({**good, "methods": ["sft", "sft"]})
+    with pytest.raises(ValueError, match="label 'sft' with different settings"):
+        parse_config({**good, "methods": ["sft", {"name": "dft", "label": "sft"}]})
     with pytest.raises(ValueError, match="Unknown top-level"):
         parse_config({**good, "modle": "x"})
     with pytest.raises(ValueError, match="eval.sets"):

@@ -247,7 +247,9 @@ class MethodSpec:
 
     Args:
         name: one of `METHODS`.
-        label: report name (defaults to ``name``); tells two runs of one method apart.
+        label: report name (defaults to ``name``); tells two runs of one method apart. Entries with the same label
+            and the same name and args add their rates and seeds to one method (e.g. a rate scan at seed 0, then the
+            best rate at every seed); a unit both entries name runs once.
         args: trainer-config settings of this method (budget keys are refused: every method shares the budget).
         learning_rates: this method's grid (replaces ``sweep.learning_rates``); e.g. its best rate after a first pass.
         seeds: this method's seeds (replaces ``sweep.seeds``; pairing uses the seeds two methods share).
@@ -457,9 +459,14 @@ def parse_config(raw: dict) -> CompareConfig:
             specs.append(_strict(MethodSpec, m, f"methods[{m.get('name', '?')}]"))
         else:
             raise ValueError(f"A method must be a name or a mapping {{name, label, args, learning_rates, seeds}}; got {m!r}.")
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"Method labels must be unique (give repeated methods a `label`); got {labels}.")
+    labels = list(dict.fromkeys(s.label for s in specs))
+    for spec in specs:  # entries sharing a label add units to one method: they must train the same way
+        first = next(s for s in specs if s.label == spec.label)
+        if (spec.name, spec.args) != (first.name, first.args):
+            raise ValueError(
+                f"Two `methods` entries use the label {spec.label!r} with different settings ({first.name} {first.args} "
+                f"vs {spec.name} {spec.args}): give one of them its own `label`, or the same name and args to add "
+                "learning rates/seeds to one method.")
     if not specs:
         raise ValueError("`methods` is empty: name at least one method.")
     only = raw.get("only")
@@ -1270,7 +1277,8 @@ class Comparison:
             for spec in c.method_specs:
                 if spec.name != "base" and seed in c.seeds_of(spec):
                     units += [Unit(spec, lr, seed) for lr in c.rates_of(spec)]
-        return units
+        # two entries of one label (e.g. a rate scan at one seed, then the best rate at every seed) may name a unit twice
+        return list({u.key: u for u in units}.values())
 
     def run_unit(self, unit: Unit) -> dict:
         """Train (unless base), evaluate and measure one unit; always returns a result dict (failures included)."""
