@@ -118,6 +118,8 @@ HUB_ID = "trl-onpolicy-tests/no-such-model"  # looks like a Hub id (owner/name);
 CASES = [
     # TRL / transformers fields our training commands pass on
     ("train-lr-inf", lambda w: _train(w, "--learning_rate", INF), "learning_rate=inf"),
+    # a negative number in exponent notation, space-separated (argparse alone would read it as an option)
+    ("train-lr-negative-exp", lambda w: _train(w, "--learning_rate", "-1e-5"), "learning_rate=-1e-05"),
     ("train-wd-nan", lambda w: _train(w, "--weight_decay", NAN), "weight_decay=nan"),
     ("train-grad-norm-neg", lambda w: _train(w, "--max_grad_norm", "-1"), "max_grad_norm=-1"),
     ("train-adam-beta1", lambda w: _train(w, "--adam_beta1", "1.5"), "adam_beta1=1.5"),

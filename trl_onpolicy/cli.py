@@ -7,6 +7,7 @@ TRL's `TrlParser` where a recipe applies), so `trl-onpolicy <command> --help` do
 from __future__ import annotations
 
 import os
+import re
 import sys
 from importlib import import_module
 
@@ -37,6 +38,25 @@ BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirect
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job stopped with Ctrl-C
 
 
+# a negative number in any notation argparse does not recognise as one by itself (-1e-5, -.5e3, -1E+2)
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _join_negative_values(args: list[str]) -> list[str]:
+    """``--flag -1e-5`` -> ``--flag=-1e-5``: argparse reads a value such as ``-1e-5`` as an option and stops with
+    "expected one argument", so the range check never gets to name the field."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--") and "=" not in a and i + 1 < len(args) and _NEGATIVE_NUMBER.match(args[i + 1]):
+            out.append(f"{a}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
 def _show_traceback() -> bool:
     return os.environ.get("TRL_ONPOLICY_TRACEBACK", "0").lower() not in ("", "0", "false", "no")
 
@@ -49,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
-    name, rest = argv[0], argv[1:]
+    name, rest = argv[0], _join_negative_values(argv[1:])
     if name not in COMMANDS:
         print(f"trl-onpolicy: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
