@@ -127,7 +127,7 @@ def _units(tmp_path):
 
 def test_sweep_two_methods_two_rates_two_seeds(tmp_path, tiny_model_dir, run_calls):
     sweep = {"seeds": [0, 1], "learning_rates": [1e-3, 1e-2]}
-    path = _recipe(tmp_path, tiny_model_dir, ["base", "sft", "dft"], sweep=sweep)
+    path = _recipe(tmp_path, tiny_model_dir, ["base", "sft", "dft"], sweep=sweep, contrasts=["sft vs dft"])
     assert compare.main(["--config", str(path)]) == 0
     out = tmp_path / "out"
     # base once (greedy evaluation has no seed), then seed by seed every method x rate
@@ -171,10 +171,16 @@ def test_sweep_two_methods_two_rates_two_seeds(tmp_path, tiny_model_dir, run_cal
     assert p["diff"]["heldout_nll"]["mean"] == pytest.approx(statistics.mean(diffs))
     assert p["diff"]["heldout_nll"]["ci_high"] == pytest.approx(statistics.mean(diffs) + 12.706 * statistics.stdev(diffs) / math.sqrt(2))
 
+    # a recipe contrast, the other way round: sft - dft at every rate, on the seeds both finished
+    contrast = {c["learning_rate"]: c for c in payload["contrasts"]}
+    assert set(contrast) == {1e-3, 1e-2} and contrast[1e-3]["reference"] == "dft"
+    assert contrast[1e-3]["diff"]["heldout_nll"]["mean"] == pytest.approx(-statistics.mean(diffs))
+
     assert (out / "frontier.png").stat().st_size > 5000
     assert (out / "compare_accuracy.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "## Frontier summary" in md and "## Paired differences vs SFT" in md and "frontier.png" in md
+    assert "## Contrasts (a − b on the same seed and learning rate" in md and "| sft | 1e-3 | dft | 2 |" in md
     assert "## Each method at its best rate vs SFT at its best rate" in md and [r["label"] for r in payload["best_vs_best"]] == ["dft"]
     assert "| dft | 1e-2 | 2/2 |" in md
     best_sft = max((1e-3, 1e-2), key=lambda lr: groups[("sft", lr)]["metrics"]["in_domain_gain"]["mean"])
@@ -394,6 +400,9 @@ def test_failures_exit_nonzero_and_others_go_on(tmp_path, tiny_model_dir, monkey
         ({"metrics": {**METRICS, "nll_n": 500}}, "metrics (held-out NLL rows): Only"),
         ("output_dir inside the model", None),
         ({"shard": "1/1"}, "shard='1/1' is invalid"),
+        ({"contrasts": ["idft vs sft"]}, "contrasts[0]='idft vs sft' is invalid: expected 'a vs b' with two method labels"),
+        ({"contrasts": ["sft - base"]}, "contrasts[0]='sft - base' is invalid"),
+        ({"contrasts": "sft vs base"}, "contrasts='sft vs base' is invalid"),
         ({"metrics": {**METRICS, "kl_n": 0}}, "metrics.kl_n=0 is invalid"),
         ({"data": {"path": "/nonexistent/train.jsonl"}}, "/nonexistent/train.jsonl"),
         ({"metrics": {**METRICS, "general_prompts": "/nonexistent/general.jsonl"}}, "/nonexistent/general.jsonl"),

@@ -21,6 +21,8 @@
 - ``num_threads``: torch CPU threads (on a shared CPU, 1 can be many times faster than the default);
 - ``only``: method labels (a list or ``--only base,sft``) to run now out of the recipe's ``methods``, keeping their
   settings (e.g. a first pass before the best rates of the other methods are known);
+- ``contrasts``: extra paired comparisons for the report, ``["idft vs dft", "idft_online vs idft"]``: a − b on each
+  seed both finished, at each learning rate both ran (the report always pairs every method with SFT);
 - ``shard``: ``"auto"`` lets any number of processes share the sweep: each takes the next unit that is neither
   finished nor held by another process (start one per core with ``--shard auto``; they balance themselves);
   ``"i/n"`` runs every n-th unit starting at i (a fixed split). A unit is claimed with a lock file under
@@ -322,6 +324,7 @@ class CompareConfig:
     title: str | None = None
     num_threads: int | None = None
     shard: str | None = None
+    contrasts: list = field(default_factory=list)
 
     # parsed forms
     eval_sets: list = field(default_factory=list, repr=False)
@@ -373,7 +376,23 @@ def _strict(cls, values: Any, where: str):
 
 
 TOP_KEYS = ("model_name_or_path", "output_dir", "methods", "data", "budget", "sweep", "metrics", "eval", "pairs",
-            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "report_only", "title", "num_threads", "shard", "only", "env")
+            "hinted", "online", "sdft", "phi", "dtype", "rerun_failed", "report_only", "title", "num_threads", "shard", "only", "env",
+            "contrasts")
+
+
+def _parse_contrasts(raw, labels: list[str]) -> list[tuple[str, str]]:
+    """``contrasts: ["idft vs dft", ...]`` -> [("idft", "dft"), ...], both sides method labels of the recipe."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise invalid(None, "contrasts", raw, "expected a list such as ['idft vs dft', 'idft_online vs idft']")
+    out = []
+    for i, item in enumerate(raw):
+        parts = [x.strip() for x in item.split(" vs ")] if isinstance(item, str) else []
+        if len(parts) != 2 or any(x not in labels for x in parts) or parts[0] == parts[1]:
+            raise invalid(None, f"contrasts[{i}]", item, f"expected 'a vs b' with two method labels of this recipe, from {labels}")
+        out.append((parts[0], parts[1]))
+    return out
 
 
 def parse_config(raw: dict) -> CompareConfig:
@@ -469,6 +488,7 @@ def parse_config(raw: dict) -> CompareConfig:
                 "learning rates/seeds to one method.")
     if not specs:
         raise ValueError("`methods` is empty: name at least one method.")
+    cfg.contrasts = _parse_contrasts(raw.get("contrasts"), labels)
     only = raw.get("only")
     if only is not None:
         only = [x.strip() for x in only.split(",")] if isinstance(only, str) else only

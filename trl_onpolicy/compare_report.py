@@ -88,7 +88,7 @@ def unit_scalars(r: dict, sets, base: dict | None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def aggregate(results: dict, sets) -> dict:
+def aggregate(results: dict, sets, contrasts=()) -> dict:
     """Groups (method label, learning rate) with per-seed scalars and seed aggregates, and paired differences vs SFT.
 
     ``results`` maps unit keys to unit results (`Comparison.run_unit`)."""
@@ -129,7 +129,8 @@ def aggregate(results: dict, sets) -> dict:
         g["metrics"] = {m: t_interval([p.get(m) for p in per]) for m in AGGREGATED}
         g["set_metrics"] = {name: t_interval([p["sets"][name]["accuracy"] for p in per if name in p["sets"]]) for name in set_keys}
     ordered = list(groups.values())
-    return {"units": units, "groups": ordered, "paired": paired_vs_sft(ordered), "best_vs_best": best_vs_best(ordered)}
+    return {"units": units, "groups": ordered, "paired": paired_vs_sft(ordered), "best_vs_best": best_vs_best(ordered),
+            "contrasts": contrast_rows(ordered, contrasts)}
 
 
 def _best(groups: list[dict]) -> dict | None:
@@ -176,6 +177,22 @@ def paired_vs_sft(groups: list[dict]) -> list[dict]:
         rows.append({"label": g["label"], "method": g["method"], "learning_rate": g["learning_rate"],
                      "sft_learning_rate": ref["learning_rate"], "sft_rate_rule": "same rate" if ref["learning_rate"] == g["learning_rate"] else "SFT's best rate",
                      "seeds": seeds, "diff": diffs})
+    return rows
+
+
+def contrast_rows(groups: list[dict], contrasts) -> list[dict]:
+    """(a - b) for each ``(a, b)`` of method labels, at every learning rate both ran, paired on the seeds both
+    finished (e.g. IDFT - DFT: what IDFT's adaptive gamma adds over DFT's fixed one)."""
+    rows = []
+    for a, b in contrasts:
+        for g in groups:
+            if g["label"] != a or not g["per_seed"]:
+                continue
+            ref = next((r for r in groups if r["label"] == b and r["learning_rate"] == g["learning_rate"] and r["per_seed"]), None)
+            if ref is None:
+                continue
+            seeds, diffs = _paired(g, ref)
+            rows.append({"label": a, "reference": b, "learning_rate": g["learning_rate"], "seeds": seeds, "diff": diffs})
     return rows
 
 
@@ -266,14 +283,13 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
                           + [_stat(g["set_metrics"].get(s.name)) for s in sets]))
     lines.append("")
 
-    head = ["method", "lr", "SFT lr", "seeds", "Δ in-domain (pts)", "Δ retention (pts)", "Δ ood (pts)",
-            "Δ KL in-domain", "Δ KL general", "Δ held-out NLL"]
-
-    def diff_rows(rows, rule):
+    def diff_rows(rows, ref_head, ref_cell):
+        head = ["method", "lr", ref_head, "seeds", "Δ in-domain (pts)", "Δ retention (pts)", "Δ ood (pts)",
+                "Δ KL in-domain", "Δ KL general", "Δ held-out NLL"]
         out = [_row(head), "|" + "---|" * len(head)]
         for p in rows:
             d = p["diff"]
-            out.append(_row([p["label"], _rate(p["learning_rate"]), f"{_rate(p['sft_learning_rate'])}{rule(p)}",
+            out.append(_row([p["label"], _rate(p["learning_rate"]), ref_cell(p),
                              len(p["seeds"]), _stat(d["in_domain_acc"], signed=True), _stat(d["retention_acc"], signed=True),
                              _stat(d["ood_acc"], signed=True), _stat(d["kl_in_domain"], 1, 4, True),
                              _stat(d["kl_general"], 1, 4, True), _stat(d["heldout_nll"], 1, 3, True)]))
@@ -283,11 +299,15 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
         lines += ["## Each method at its best rate vs SFT at its best rate (method − SFT, paired on seed; mean [95% t-interval])",
                   "", "Each side's best rate is the one with the highest mean in-domain gain on this same evaluation, so both "
                   "are optimistic alike. An interval that excludes 0 is an ordering that holds across seeds at this scale.", ""]
-        lines += diff_rows(agg["best_vs_best"], lambda p: "")
+        lines += diff_rows(agg["best_vs_best"], "SFT lr", lambda p: _rate(p["sft_learning_rate"]))
+    if agg.get("contrasts"):
+        lines += ["## Contrasts (a − b on the same seed and learning rate; mean [95% t-interval])", "",
+                  "The recipe's `contrasts`. An interval that excludes 0 is a difference that holds across seeds at this scale.", ""]
+        lines += diff_rows(agg["contrasts"], "vs (b)", lambda p: p["reference"])
     if paired:
         lines += ["## Paired differences vs SFT (method − SFT on the same seed and data order; mean [95% t-interval])",
                   "", "An interval that excludes 0 is a difference that holds across seeds at this scale.", ""]
-        lines += diff_rows(paired, lambda p: f" ({p['sft_rate_rule']})")
+        lines += diff_rows(paired, "SFT lr", lambda p: f"{_rate(p['sft_learning_rate'])} ({p['sft_rate_rule']})")
 
     lines += ["## Per unit (accuracy with its Wilson 95% interval over problems)", ""]
     head = ["unit", "status"] + [f"{s.name} %" for s in sets] + ["KL in-domain", "KL general", "held-out NLL",
@@ -454,14 +474,14 @@ def write_report(results: dict, cfg, out: Path, config: dict, plots: bool = True
     compare_accuracy.png into ``out``; returns the results.json payload."""
     from .compare import write_json_atomic
 
-    agg = aggregate(results, cfg.eval_sets)
+    agg = aggregate(results, cfg.eval_sets, getattr(cfg, "contrasts", ()))
     seeds = sorted({u["seed"] for u in agg["units"].values() if u.get("seed") is not None})
     rates = sorted({g["learning_rate"] for g in agg["groups"] if g["learning_rate"] is not None})
     note = (f"Sweep: methods {list(dict.fromkeys(g['label'] for g in agg['groups']))}; seeds {seeds}; learning rates "
             f"{[_rate(r) for r in rates]} (per-method grids in the config); budget {cfg.budget.max_steps} steps x "
             f"{cfg.budget.per_device_train_batch_size * cfg.budget.gradient_accumulation_steps} samples.")
     payload = {"config": config, "units": agg["units"], "groups": agg["groups"], "paired": agg["paired"],
-               "best_vs_best": agg["best_vs_best"]}
+               "best_vs_best": agg["best_vs_best"], "contrasts": agg["contrasts"]}
     write_json_atomic(out / "results.json", payload)
     md = results_markdown(agg, cfg.eval_sets, cfg.title, note)
     drawn = []
