@@ -1373,8 +1373,8 @@ class Comparison:
 
     def claim_path(self, unit: Unit) -> Path:
         """The lock file a process holds while it runs ``unit`` (outside the unit's folder, which a run may replace)."""
-        name = unit.spec.label if unit.spec.name == "base" and unit.seed is None else f"{unit.spec.label}_{unit.folder_name}"
-        return self.out / ".claims" / f"{name}.lock"
+        folder = self.unit_dir(unit).relative_to(self.out / "methods")
+        return self.out / ".claims" / f"{'_'.join(folder.parts)}.lock"
 
     def finished(self, unit: Unit) -> dict | None:
         """The stored result of ``unit`` when it finished (status ok) under this configuration, else None."""

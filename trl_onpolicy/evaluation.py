@@ -136,6 +136,40 @@ def render_prompts(tokenizer, prompts: Sequence) -> list[str]:
 
 
 @torch.no_grad()
+def generate_batched(
+    model,
+    tokenizer,
+    encoded: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[tuple[list[int], bool]]:
+    """(new token ids, finished) for each tokenized prompt, in input order. Rows are sorted by prompt length (longest
+    first, ties in input order) so batches pad little; batch b is seeded with ``seed + b``, so sampling repeats for
+    the same inputs. The one batching loop behind `generate_responses` and `forgetting.sample_base_responses`."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    out: list[tuple[list[int], bool] | None] = [None] * len(encoded)
+    bar = tqdm(total=len(order), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        batch = order[start : start + batch_size]
+        torch.manual_seed(seed + b)
+        results = generate_ids(model, tokenizer, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p)
+        for i, (ids, finished) in zip(batch, results):
+            out[i] = (list(ids), finished)
+        bar.update(len(batch))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
 def generate_responses(
     model,
     tokenizer,
@@ -165,25 +199,18 @@ def generate_responses(
         return _generate_vllm(model, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed)
     if backend != "hf":
         raise ValueError(f"Unknown generation backend {backend!r}; use 'hf' or 'vllm'.")
-    from tqdm.auto import tqdm
-
     texts = render_prompts(tokenizer, prompts)
     greedy = temperature <= 0
     draws = 1 if greedy else num_samples
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    rows = sorted(((i, j) for i in range(len(texts)) for j in range(draws)), key=lambda r: -len(encoded[r[0]]))
+    rows = [(i, j) for i in range(len(texts)) for j in range(draws)]
+    outs = generate_batched(model, tokenizer, [encoded[i] for i, _ in rows], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
+                            progress=progress, desc=desc)
     results: list[list[Generation | None]] = [[None] * draws for _ in texts]
-    bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
-    for b, start in enumerate(range(0, len(rows), batch_size)):
-        batch = rows[start : start + batch_size]
-        torch.manual_seed(seed + b)
-        outs = generate_ids(model, tokenizer, [encoded[i] for i, _ in batch], max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p)
-        for (i, j), (ids, finished) in zip(batch, outs):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            results[i][j] = Generation(text=text, num_tokens=len(ids), finished=finished)
-        bar.update(len(batch))
-    bar.close()
+    for (i, j), (ids, finished) in zip(rows, outs):
+        results[i][j] = Generation(text=tokenizer.decode(ids, skip_special_tokens=True), num_tokens=len(ids),
+                                   finished=finished)
     if greedy and num_samples > 1:
         return [[r[0]] * num_samples for r in results]
     return results  # type: ignore[return-value]

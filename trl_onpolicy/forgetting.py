@@ -2,7 +2,7 @@
 
 - `sample_base_responses`: responses the BASE model samples at temperature 1 (no top-p, no top-k) for some prompts,
   rendered with the chat template exactly as evaluation renders them (`trl_onpolicy.evaluation.render_prompts`,
-  `trl_onpolicy.generation.generate_ids`).
+  `trl_onpolicy.evaluation.generate_batched`).
 - `kl_to_base`: the forward KL(base || trained) per response token on those samples. At every response position t
   (context x, y_<t drawn from the base model) it takes the exact divergence of the two next-token distributions,
 
@@ -31,8 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .evaluation import Z95, render_prompts
-from .generation import generate_ids
+from .evaluation import Z95, generate_batched, render_prompts
 from .ops import backbone, lm_head_transform
 
 
@@ -89,24 +88,12 @@ def sample_base_responses(
     Prompts are strings or chat messages, rendered like evaluation renders them. Rows are sorted by prompt length and
     batched; batch b is seeded with ``seed + b``, so the samples repeat for the same inputs.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must both be >= 1.")
-    encoded = _encode_prompts(tokenizer, prompts)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    out: list[list[int] | None] = [None] * len(encoded)
-    bar = tqdm(total=len(order), desc="base samples", unit="seq", disable=not progress, dynamic_ncols=True)
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        batch = order[start : start + batch_size]
-        torch.manual_seed(seed + b)
-        results = generate_ids(model, tokenizer, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
-                               temperature=1.0, top_p=1.0)
-        for i, (ids, _finished) in zip(batch, results):
-            out[i] = list(ids)
-        bar.update(len(batch))
-    bar.close()
-    return out  # type: ignore[return-value]
+    results = generate_batched(model, tokenizer, _encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
+                               temperature=1.0, top_p=1.0, batch_size=batch_size, seed=seed, progress=progress,
+                               desc="base samples")
+    return [ids for ids, _finished in results]
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
