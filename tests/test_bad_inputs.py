@@ -4,7 +4,6 @@ written. The commands run in-process (`trl_onpolicy.cli.main`) with a tiny model
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest

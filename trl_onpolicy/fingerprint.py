@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,8 +31,6 @@ def _sha(update) -> str:
 def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if hasattr(obj, "__dict__"):
