@@ -551,37 +551,21 @@ def _rate(lr: float) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """Hold an exclusive lock on ``path`` (``fcntl.flock``; nothing where that is unavailable), so that shards sharing
-    one output folder build each cached corpus once and never write it at the same time."""
+def _file_lock(path: Path, wait: bool = True):
+    """Hold an exclusive lock on ``path`` (``fcntl.flock``) and yield True. With ``wait`` (the corpus caches: shards
+    sharing one output folder build each cached corpus once and never write it at the same time) it waits for the
+    holder; without (unit claims) it yields False at once when another process holds it. The operating system drops
+    the lock when its holder exits, however it exits, so a killed run never leaves a unit claimed. Where ``fcntl`` is
+    unavailable (non-POSIX) nothing is locked and it yields True."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _claim(path: Path):
-    """Try to hold ``path`` exclusively without waiting: yields True while this process holds it, False when another
-    process does. The operating system drops the lock when its holder exits, however it exits, so a killed run never
-    leaves a unit claimed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: no claims, fixed shards only
         yield True
         return
     with open(path, "a") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
@@ -1353,7 +1337,7 @@ class Comparison:
             tag = f"[compare] ({i}/{len(units)}) {unit.key}"
             if self.cfg.report_only or (i - 1) % count != index:
                 continue  # another shard's unit (or a report-only run): reported below once it has finished
-            with _claim(self.claim_path(unit)) as held:
+            with _file_lock(self.claim_path(unit), wait=False) as held:
                 if not held:
                     print(f"{tag}: another process is running it, skipping", flush=True)
                     continue
