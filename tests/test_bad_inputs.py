@@ -227,6 +227,17 @@ def test_bad_input_is_one_error_line_before_any_work(case, world, capsys, monkey
     assert (_snapshot(world["root"]), _snapshot(world["model"])) == before
 
 
+def test_launchable_script_reads_a_negative_exponent_value(world, capsys):
+    """`accelerate launch scripts/train.py ...` does not come through `trl-onpolicy`: its own parser must still read
+    ``--learning_rate -1e-5`` as a value and refuse it by name."""
+    from trl_onpolicy.scripts import train
+
+    before = _snapshot(world["root"])
+    assert train.main(_train(world, "--learning_rate", "-1e-5")[1:]) == 2
+    assert "learning_rate=-1e-05 is invalid" in capsys.readouterr().err
+    assert _snapshot(world["root"]) == before  # nothing written
+
+
 def test_enough_bad_inputs_are_covered():
     assert len(CASES) >= 30
 

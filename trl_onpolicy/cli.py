@@ -42,9 +42,11 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job stopped with Ctrl-C
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-def _join_negative_values(args: list[str]) -> list[str]:
+def join_negative_values(args: list[str]) -> list[str]:
     """``--flag -1e-5`` -> ``--flag=-1e-5``: argparse reads a value such as ``-1e-5`` as an option and stops with
-    "expected one argument", so the range check never gets to name the field."""
+    "expected one argument", so the range check never gets to name the field. Applied to every `trl-onpolicy`
+    command here, and by `scripts.common.parse_recipe` for the launchable scripts (``accelerate launch
+    scripts/train.py``) that do not come through this module."""
     out, i = [], 0
     while i < len(args):
         a = args[i]
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
-    name, rest = argv[0], _join_negative_values(argv[1:])
+    name, rest = argv[0], join_negative_values(argv[1:])
     if name not in COMMANDS:
         print(f"trl-onpolicy: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -131,7 +131,9 @@ def parse_recipe(parser, argv: list[str] | None):
 
     Raises `RecipeError` naming each unknown key of the recipe or the command line, or a missing/unreadable recipe.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..cli import join_negative_values
+
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
     path = check_recipe_argv(argv)
     try:
         *outputs, config_rest, cli_rest = parser.parse_args_and_config(
