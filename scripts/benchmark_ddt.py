@@ -4,7 +4,7 @@ For each vocabulary size, one model of SmolLM2-135M's shape (or the real embedde
 two workloads run on the same batch of token ids:
 
 - ``forward``: ``model(input_ids, attention_mask).logits`` (transformers materialises ``[B, T, V]`` logits);
-- ``ddt``: `trl_onpolicy.ddt.score_token_ids` scoring every token (transformer body, then log p, entropy and
+- ``ddt``: `trl_onpolicy.ddt.scoring.score_token_ids` scoring every token (transformer body, then log p, entropy and
   varentropy in vocabulary tiles, never ``[B, T, V]``).
 
 Timing alternates the two (forward, ddt, forward, ddt, ...) so that a shared, noisy CPU affects both alike; the
@@ -74,7 +74,7 @@ def build_model(vocab: int, layers: int, real: bool, device, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if real:
-        from trl_onpolicy.models import smollm2_path
+        from trl_onpolicy.utils.models import smollm2_path
 
         model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
         if vocab != model.config.vocab_size:
@@ -90,8 +90,8 @@ def build_model(vocab: int, layers: int, real: bool, device, dtype):
 
 
 def run(args) -> list[dict]:
-    from trl_onpolicy.ddt import score_token_ids
-    from trl_onpolicy.ops import default_tiles
+    from trl_onpolicy.ddt.scoring import score_token_ids
+    from trl_onpolicy.ops.lm_head import default_tiles
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
@@ -164,8 +164,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--vocab_chunk", type=int, default=None, help="default: trl_onpolicy.ops.DEFAULT_TILES")
-    p.add_argument("--token_chunk", type=int, default=None, help="default: trl_onpolicy.ops.DEFAULT_TILES")
+    p.add_argument("--vocab_chunk", type=int, default=None, help="default: trl_onpolicy.ops.lm_head.DEFAULT_TILES")
+    p.add_argument("--token_chunk", type=int, default=None, help="default: trl_onpolicy.ops.lm_head.DEFAULT_TILES")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

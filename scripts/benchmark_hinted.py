@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from trl_onpolicy.hinted import hinted_decode, mix_log_probs, mixing_lambda, normalized_entropy, select_tokens
+from trl_onpolicy.hinted.decoding import hinted_decode, mix_log_probs, mixing_lambda, normalized_entropy, select_tokens
 
 QUESTIONS = [
     ("Tom has {a} apples and buys {b} more bags with {c} apples each. How many apples does he have now?",
@@ -80,20 +80,20 @@ def make_prompts(tokenizer, n: int, seed: int = 0):
 
 def load_model(name: str, dtype: torch.dtype, device: str):
     if name == "tiny":
-        from trl_onpolicy.tiny import make_tiny_model
+        from trl_onpolicy.testing.tiny import make_tiny_model
 
         model, tok = make_tiny_model(seed=0)
         model.config.max_position_embeddings = 16384
         model = model.to(dtype)
     elif name == "smollm2":
-        from trl_onpolicy.models import load_smollm2
+        from trl_onpolicy.utils.models import load_smollm2
 
         model, tok = load_smollm2(dtype=dtype)
     elif name == "random-llama":
         # SmolLM2-135M's shape with random weights (no download needed); uses the tiny offline tokenizer
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from trl_onpolicy.tiny import make_tiny_tokenizer
+        from trl_onpolicy.testing.tiny import make_tiny_tokenizer
 
         tok = make_tiny_tokenizer()
         config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

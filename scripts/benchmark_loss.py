@@ -96,12 +96,12 @@ def _build_model(args):
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from trl_onpolicy.models import resolve_model_path
+        from trl_onpolicy.utils.models import resolve_model_path
 
         path = resolve_model_path(args.model)
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
-    from trl_onpolicy.tiny import make_tiny_tokenizer
+    from trl_onpolicy.testing.tiny import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     torch.manual_seed(0)

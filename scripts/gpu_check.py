@@ -78,7 +78,7 @@ def smollm2_folder(explicit: str | None) -> tuple[str | None, str]:
         if not (folder / "config.json").is_file():
             raise SystemExit(f"--model={explicit} is invalid: expected a Hugging Face model folder with config.json")
         return str(folder), f"--model {folder}"
-    from trl_onpolicy.models import cache_root
+    from trl_onpolicy.utils.models import cache_root
 
     folder = cache_root() / "SmolLM2-135M-Instruct"
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
@@ -90,7 +90,7 @@ def random_smollm2(tokenizer_vocab: int | None = None):
     """SmolLM2-135M's shape with random weights and the tiny offline tokenizer (when no weights are available)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trl_onpolicy.tiny import make_tiny_tokenizer
+    from trl_onpolicy.testing.tiny import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -191,7 +191,7 @@ def section_train(args, out_dir: Path, model_folder: str | None) -> dict:
 
     def build_model():
         if args.cpu_smoke:
-            from trl_onpolicy.tiny import make_tiny_model
+            from trl_onpolicy.testing.tiny import make_tiny_model
 
             return make_tiny_model(seed=0)
         if model_folder:

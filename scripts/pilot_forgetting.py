@@ -1,4 +1,4 @@
-"""Time the forward-only forgetting metrics (trl_onpolicy.forgetting) on the embedded SmolLM2-135M-Instruct.
+"""Time the forward-only forgetting metrics (trl_onpolicy.eval.forgetting) on the embedded SmolLM2-135M-Instruct.
 
 Measures, on held-out test-split problems of a task and on the general (facts) prompts: sampling one base response per
 prompt at temperature 1 and caching the base hidden states (both once per study), KL(base || trained) on those samples, and the held-out NLL of the
@@ -43,10 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from trl_onpolicy.data import math_word_problems
-    from trl_onpolicy.evaluation import FACTS
-    from trl_onpolicy.forgetting import base_hidden_states, heldout_nll, kl_to_base, sample_base_responses
-    from trl_onpolicy.models import load_model
+    from trl_onpolicy.data.datasets import math_word_problems
+    from trl_onpolicy.eval.evaluation import FACTS
+    from trl_onpolicy.eval.forgetting import base_hidden_states, heldout_nll, kl_to_base, sample_base_responses
+    from trl_onpolicy.utils.models import load_model
 
     base, tok = load_model("embedded:smollm2-135m-instruct", "float32")
     rows = list(math_word_problems(args.n, seed=1, task=args.task, split="test", **json.loads(args.task_kwargs)))

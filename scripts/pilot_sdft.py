@@ -1,4 +1,4 @@
-"""One SDFT unit on the embedded SmolLM2-135M-Instruct (trl_onpolicy.sdft.train_sdft), timed and evaluated like a
+"""One SDFT unit on the embedded SmolLM2-135M-Instruct (trl_onpolicy.trainer.sdft.train_sdft), timed and evaluated like a
 compare unit: the same training problems, budget and in-domain evaluation set as the SFT pilot. Results: docs/pilot.md.
 
     OMP_NUM_THREADS=1 python scripts/pilot_sdft.py --max_steps 8 --batch 8 --learning_rate 1e-4
@@ -28,10 +28,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from trl_onpolicy.data import math_word_problems
-    from trl_onpolicy.evaluation import EvalConfig, EvalSet, evaluate
-    from trl_onpolicy.models import load_model
-    from trl_onpolicy.sdft import train_sdft
+    from trl_onpolicy.data.datasets import math_word_problems
+    from trl_onpolicy.eval.evaluation import EvalConfig, EvalSet, evaluate
+    from trl_onpolicy.utils.models import load_model
+    from trl_onpolicy.trainer.sdft import train_sdft
 
     kwargs = json.loads(args.task_kwargs)
     model, tok = load_model("embedded:smollm2-135m-instruct", "float32")

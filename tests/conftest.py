@@ -14,7 +14,7 @@ import socket  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from trl_onpolicy.tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
+from trl_onpolicy.testing.tiny import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 

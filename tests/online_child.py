@@ -21,9 +21,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import trl_onpolicy.hinted as hm
+import trl_onpolicy.hinted.decoding as hm
 from trl_onpolicy import HintedDataCollator, IDFTConfig, IDFTTrainer
-from trl_onpolicy.distributed import end_processes
+from trl_onpolicy.utils.distributed import end_processes
 
 
 def fingerprint(model) -> str:
@@ -55,7 +55,7 @@ def train_from_recipe(model_dir, data_file, out, pre_hook):
     the model the entry point built, before training starts. Returns the trainer."""
     import yaml
 
-    from trl_onpolicy.scripts import common, train
+    from trl_onpolicy.cli import recipe as common, train
 
     recipe = dict(model_name_or_path=model_dir, dataset_name=data_file, output_dir=out + "/run", dtype="float32",
                   hinted_online=True, **{f"hinted_{k}": v for k, v in DECODE.items()}, **SETTINGS)

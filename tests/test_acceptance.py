@@ -1,5 +1,5 @@
 """Offline (`realign` filters) and online (`HintedDataCollator`) re-alignment accept responses by ONE rule
-(`trl_onpolicy.realign.accept_response`): finished with EOS, and the final answer correct against the answer column or,
+(`trl_onpolicy.hinted.realign.accept_response`): finished with EOS, and the final answer correct against the answer column or,
 without one, against the reference solution's final answer. Both paths are run on the same rows and responses."""
 
 import json
@@ -7,11 +7,11 @@ from pathlib import Path
 
 from datasets import Dataset
 
-import trl_onpolicy.hinted as hinted_module
-import trl_onpolicy.realign as realign_module
-from trl_onpolicy.hinted import HintedResult
-from trl_onpolicy.hinted_online import HINTED_KEY, HintedDataCollator
-from trl_onpolicy.realign import RealignConfig, accept_response, prompt_ids, realign_dataset, resolve_checker
+import trl_onpolicy.hinted.decoding as hinted_module
+import trl_onpolicy.hinted.realign as realign_module
+from trl_onpolicy.hinted.decoding import HintedResult
+from trl_onpolicy.trainer.online import HINTED_KEY, HintedDataCollator
+from trl_onpolicy.hinted.realign import RealignConfig, accept_response, prompt_ids, realign_dataset, resolve_checker
 
 GSM = "Natalia sold 48/2 = 24 clips in May.\nAltogether she sold 48 + 24 = 72 clips.\n#### 72"
 MATH = "First $3x + 5 = 20$, so $3x = 15$; trying $x = \\boxed{3}$ fails, and $x = \\boxed{5}$ works."

@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 
-from trl_onpolicy.answers import (
+from trl_onpolicy.eval.answers import (
     check_answer,
     contains_any,
     extract_answer,
@@ -168,7 +168,7 @@ CASES = [
 
 
 def _mv_verdict(gold: str, response: str) -> bool:
-    """math-verify's own verdict on the boxed gold and the raw response (independent of trl_onpolicy.answers)."""
+    """math-verify's own verdict on the boxed gold and the raw response (independent of trl_onpolicy.eval.answers)."""
     from math_verify import parse, verify
 
     return bool(verify(parse("\\boxed{" + gold + "}"), parse(response)))
@@ -254,9 +254,9 @@ def test_checkers_and_errors():
     assert check_answer("Paris", "paris", checker="exact")
     assert check_answer("7", "7.0", checker="numeric")
     assert check_answer("x", "y", checker=lambda p, g: True)
-    assert make_checker("trl_onpolicy.answers:numeric_equal") is numeric_equal
+    assert make_checker("trl_onpolicy.eval.answers:numeric_equal") is numeric_equal
     with pytest.raises(ValueError, match="Unknown checker"):
         make_checker("nope")
     with pytest.raises(ValueError, match="could not be imported"):
-        make_checker("trl_onpolicy.answers:missing_function")
+        make_checker("trl_onpolicy.eval.answers:missing_function")
     assert grade_response("The capital is Paris, I think.", "Paris", checker="contains")[1]

@@ -1,6 +1,6 @@
 """Bad input, as a hostile user would give it, to every command: each case must end with a non-zero exit status, one
 `trl-onpolicy CMD: error: ...` line naming the field or file, no traceback, the inputs unchanged and no model
-written. The commands run in-process (`trl_onpolicy.cli.main`) with a tiny model, so the table stays fast."""
+written. The commands run in-process (`trl_onpolicy.cli.commands.main`) with a tiny model, so the table stays fast."""
 
 import hashlib
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import arithmetic_examples, word_problem_rows
 
-from trl_onpolicy import cli
+from trl_onpolicy.cli import commands as cli
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -230,7 +230,7 @@ def test_bad_input_is_one_error_line_before_any_work(case, world, capsys, monkey
 def test_launchable_script_reads_a_negative_exponent_value(world, capsys):
     """`accelerate launch scripts/train.py ...` does not come through `trl-onpolicy`: its own parser must still read
     ``--learning_rate -1e-5`` as a value and refuse it by name."""
-    from trl_onpolicy.scripts import train
+    from trl_onpolicy.cli import train
 
     before = _snapshot(world["root"])
     assert train.main(_train(world, "--learning_rate", "-1e-5")[1:]) == 2
@@ -244,7 +244,7 @@ def test_enough_bad_inputs_are_covered():
 
 def test_traceback_on_request_and_same_message_from_the_api(world, monkeypatch):
     """TRL_ONPOLICY_TRACEBACK=1 re-raises; the Python API raises the same ValueError the CLI prints."""
-    from trl_onpolicy.evaluation import EvalConfig
+    from trl_onpolicy.eval.evaluation import EvalConfig
 
     monkeypatch.setenv("TRL_ONPOLICY_TRACEBACK", "1")
     with pytest.raises(ValueError, match="temperature=nan"):
@@ -255,7 +255,7 @@ def test_traceback_on_request_and_same_message_from_the_api(world, monkeypatch):
 
 def test_sigint_exits_130_after_keeping_finished_work(world, capsys, monkeypatch):
     """Ctrl-C in any command: exit status 130 and a note that the same command resumes (one handler in cli.py)."""
-    import trl_onpolicy.ddt_cli as ddt_cli
+    import trl_onpolicy.cli.ddt as ddt_cli
 
     monkeypatch.delenv("TRL_ONPOLICY_TRACEBACK", raising=False)
 
@@ -289,7 +289,7 @@ def test_rows_beyond_max_length_are_counted(capsys):
     """Rows TRL dropped (a prompt filling max_length) are counted and reported; none left is an error."""
     from types import SimpleNamespace
 
-    from trl_onpolicy.scripts.common import RecipeError, report_dropped_rows
+    from trl_onpolicy.cli.recipe import RecipeError, report_dropped_rows
 
     def trainer(kept):
         return SimpleNamespace(train_dataset=list(range(kept)), args=SimpleNamespace(packing=False, max_length=8),

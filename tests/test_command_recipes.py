@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trl_onpolicy.ddt_cli import DDTArguments, _parse
-from trl_onpolicy.realign import RealignConfig
+from trl_onpolicy.cli.ddt import DDTArguments, _parse
+from trl_onpolicy.hinted.realign import RealignConfig
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

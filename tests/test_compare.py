@@ -12,8 +12,10 @@ import torch
 import yaml
 
 import trl_onpolicy
-from trl_onpolicy import compare, compare_report
-from trl_onpolicy.compare import Comparison, load_config_file, parse_config
+from trl_onpolicy.utils.io import file_lock
+from trl_onpolicy.compare import runner as compare
+from trl_onpolicy.compare import report as compare_report
+from trl_onpolicy.compare.runner import Comparison, load_config_file, parse_config
 
 SETS = [
     {"name": "in_domain", "task": "chain_sum", "n": 4, "seed": 1, "task_kwargs": {"min_terms": 2, "max_terms": 2, "max_digits": 1}},
@@ -23,10 +25,10 @@ METRICS = {"kl_n": 3, "general_n": 3, "kl_max_new_tokens": 5, "nll_n": 3, "batch
 
 
 def _standin_forgetting():
-    """A plain stand-in for `trl_onpolicy.forgetting` (same signatures) used only where that module is not installed:
+    """A plain stand-in for `trl_onpolicy.eval.forgetting` (same signatures) used only where that module is not installed:
     one unpadded sequence at a time, full logits, float64."""
-    from trl_onpolicy.evaluation import render_prompts
-    from trl_onpolicy.generation import generate_ids
+    from trl_onpolicy.eval.evaluation import render_prompts
+    from trl_onpolicy.utils.generation import generate_ids
 
     def encode(tok, prompts):
         return [tok(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tok, prompts)]
@@ -67,7 +69,7 @@ def _standin_forgetting():
             counts.append(len(c))
         return summary(sums, counts, "nll")
 
-    module = types.ModuleType("trl_onpolicy.forgetting")
+    module = types.ModuleType("trl_onpolicy.eval.forgetting")
     module.sample_base_responses, module.kl_to_base, module.heldout_nll = sample_base_responses, kl_to_base, heldout_nll
     module.base_hidden_states = base_hidden_states
     return module
@@ -76,10 +78,10 @@ def _standin_forgetting():
 @pytest.fixture(autouse=True)
 def forgetting_module(monkeypatch):
     try:
-        from trl_onpolicy import forgetting  # noqa: F401
+        from trl_onpolicy.eval import forgetting  # noqa: F401
     except ImportError:
         module = _standin_forgetting()
-        monkeypatch.setitem(sys.modules, "trl_onpolicy.forgetting", module)
+        monkeypatch.setitem(sys.modules, "trl_onpolicy.eval.forgetting", module)
         monkeypatch.setattr(trl_onpolicy, "forgetting", module, raising=False)
 
 
@@ -364,9 +366,10 @@ def test_failures_exit_nonzero_and_others_go_on(tmp_path, tiny_model_dir, monkey
         return original(self, unit, model, tokenizer)
 
     monkeypatch.setattr(Comparison, "train", flaky)
-    monkeypatch.setitem(sys.modules, "trl_onpolicy.hinted_online", None)  # as if the module were not installed
+    monkeypatch.setitem(sys.modules, "trl_onpolicy.trainer.online", None)  # as if the module were not installed
     # an earlier test in this process may have imported it: `from . import x` reads the package attribute first
     monkeypatch.delattr(trl_onpolicy, "hinted_online", raising=False)
+    monkeypatch.delattr(trl_onpolicy.trainer, "online", raising=False)
     path = _recipe(tmp_path, tiny_model_dir, ["dft", "idft_online", "sft"], metrics={**METRICS, "kl": False, "nll": False})
     assert compare.main(["--config", str(path)]) == 1
     units = _units(tmp_path)
@@ -374,7 +377,7 @@ def test_failures_exit_nonzero_and_others_go_on(tmp_path, tiny_model_dir, monkey
     assert units["idft_online/lr=1e-5/seed=0"]["status"] == "unavailable"
     assert units["sft/lr=1e-5/seed=0"]["status"] == "ok"
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "boom in dft" in md and "hinted_online" in md
+    assert "boom in dft" in md and "trl_onpolicy.trainer.online" in md
     # a failed unit is retried on the next run, a finished one is not
     monkeypatch.setattr(Comparison, "train", original)
     run_calls.clear()
@@ -424,7 +427,7 @@ def test_validation_before_any_training(tmp_path, tiny_model_dir, run_calls, cha
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path, tiny_model_dir, capsys):
-    from trl_onpolicy.cli import main as cli
+    from trl_onpolicy.cli.commands import main as cli
 
     path = _recipe(tmp_path, tiny_model_dir, ["base"], sweep={"learning_rates": [".nan"]})
     raw = yaml.safe_load(path.read_text())
@@ -545,7 +548,7 @@ def test_token_counter_counts_rollout_batches_built_from_raw_rows():
 
 
 def test_sdft_is_a_method(tmp_path, tiny_model_dir):
-    pytest.importorskip("trl_onpolicy.sdft")
+    pytest.importorskip("trl_onpolicy.trainer.sdft")
     path = _recipe(tmp_path, tiny_model_dir, ["sdft"], sdft={"max_completion_length": 8},
                    metrics={**METRICS, "kl": False, "nll": False})
     assert compare.main(["--config", str(path)]) == 0
@@ -563,10 +566,10 @@ def test_corpus_lock_is_exclusive(tmp_path):
     lock = tmp_path / "corpora" / ".pairs.lock"
 
     def second():
-        with compare._file_lock(lock):
+        with file_lock(lock):
             order.append("second")
 
-    with compare._file_lock(lock):
+    with file_lock(lock):
         thread = threading.Thread(target=second)
         thread.start()
         time.sleep(0.3)

@@ -16,15 +16,15 @@ from datasets import Dataset
 
 from conftest import arithmetic_examples
 from trl_onpolicy import score_dataset
-from trl_onpolicy.ddt import (
+from trl_onpolicy.ddt.scoring import (
     SKIP_REASONS,
     filter_dataset,
     sample_own_responses,
     sample_statistics,
     score_token_ids,
 )
-from trl_onpolicy.ddt_cli import filter_main, main
-from trl_onpolicy.tiny import make_tiny_model
+from trl_onpolicy.cli.ddt import filter_main, main
+from trl_onpolicy.testing.tiny import make_tiny_model
 
 
 def _train(model, tok, rows, steps=30, seed=0):
@@ -88,7 +88,7 @@ def test_statistics_match_float64_full_softmax(tiny_tokenizer):
             p.add_(0.3 * torch.randn_like(p))  # peaked, non-uniform distributions
     rows = arithmetic_examples(6)
     result = score_dataset(model, tok, rows, vocab_chunk=100, token_chunk=7, batch_size=4, progress=False)
-    from trl_onpolicy.ddt import Encoder
+    from trl_onpolicy.ddt.scoring import Encoder
 
     enc = Encoder(tok, "prompt_completion")
     for row, record, arrays in zip(rows, result.samples, result.tokens):
@@ -113,9 +113,9 @@ def test_statistics_match_float64_full_softmax(tiny_tokenizer):
 
 @pytest.mark.parametrize("transform", [{}, {"logit_scale": 0.7, "softcap": 50.0, "temperature": 0.8}])
 def test_scoring_head_statistics_against_float64(transform):
-    """The LM-head statistics DDT scores with (`trl_onpolicy.ops.token_statistics`), with small tiles and with the
+    """The LM-head statistics DDT scores with (`trl_onpolicy.ops.lm_head.token_statistics`), with small tiles and with the
     device's default tiles, against a float64 full softmax, including the model's logit transforms."""
-    from trl_onpolicy.ops import full_softmax_statistics, token_statistics
+    from trl_onpolicy.ops.lm_head import full_softmax_statistics, token_statistics
 
     gen = torch.Generator().manual_seed(0)
     n, vocab = 537, 4301  # more than one default CPU tile (512 x 2048) in both directions
@@ -188,7 +188,7 @@ def _trl_prepared(tok, rows, assistant_only_loss=False):
 @pytest.mark.parametrize("fmt", ["conversational", "plain", "messages", "text"])
 def test_tokenization_matches_sft_trainer(tiny_tokenizer, fmt):
     """The scored tokens are exactly the tokens SFTTrainer trains on (its labels != -100)."""
-    from trl_onpolicy.ddt import Encoder, detect_format
+    from trl_onpolicy.ddt.scoring import Encoder, detect_format
 
     base = arithmetic_examples(4, conversational=fmt != "plain")
     if fmt == "messages":
@@ -210,7 +210,7 @@ def test_messages_without_generation_markers(tiny_tokenizer):
     """Templates TRL cannot patch with {% generation %} markers: assistant turns found by incremental rendering give
     TRL's marker mask minus the end of the generation prompt (here the newline after ``<|im_start|>assistant``, which
     TRL's Qwen training template puts inside the generation block), on a two-turn conversation."""
-    from trl_onpolicy.ddt import Encoder
+    from trl_onpolicy.ddt.scoring import Encoder
 
     conv = {"messages": [
         {"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "1 + 2 = 3."},
@@ -257,7 +257,7 @@ def test_api_and_cli_agree(trained, tmp_path):
 def test_cli_resumes_from_finished_chunks(trained, tmp_path, monkeypatch):
     """An interrupted run resumes: finished row chunks are read back from the cache (NumPy .npz, no pickle), only
     missing ones are scored."""
-    import trl_onpolicy.ddt as ddt_module
+    import trl_onpolicy.ddt.scoring as ddt_module
 
     model, tok, path = trained
     data = tmp_path / "data.jsonl"
@@ -288,7 +288,7 @@ def test_ddt_cache_is_recomputed_when_data_weights_or_settings_change(trained, t
     another setting, recompute every chunk (and report what changed); the numbers match a fresh run."""
     import shutil
 
-    import trl_onpolicy.ddt as ddt_module
+    import trl_onpolicy.ddt.scoring as ddt_module
 
     _, _, path = trained
     model_dir = tmp_path / "model"
@@ -447,7 +447,7 @@ def test_two_processes_match_one(trained, tmp_path):
     root = Path(__file__).parent.parent
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
            str(root / "recipes" / "accelerate" / "cpu_ddp_2proc.yaml"), "--main_process_port", str(free_port()),
-           "-m", "trl_onpolicy.ddt_cli", "--model_name_or_path", str(path), "--dataset_name", str(data),
+           "-m", "trl_onpolicy.cli.ddt", "--model_name_or_path", str(path), "--dataset_name", str(data),
            "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--no_progress",
            "--compare_self_samples", "--max_new_tokens", "4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)

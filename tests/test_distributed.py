@@ -19,7 +19,7 @@ import torch
 from conftest import arithmetic_examples, free_port
 from safetensors.torch import load_file
 
-from trl_onpolicy.scripts import train
+from trl_onpolicy.cli import train
 
 pytestmark = pytest.mark.slow
 

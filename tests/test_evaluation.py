@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from trl_onpolicy import evaluation
-from trl_onpolicy.evaluation import (
+from trl_onpolicy.eval import evaluation
+from trl_onpolicy.eval.evaluation import (
     EvalConfig,
     EvalSet,
     Generation,
@@ -134,7 +134,7 @@ def test_eval_set_specs_and_loading(tmp_path):
     with pytest.raises(ValueError, match="temperature"):
         EvalConfig(num_samples=4, temperature=0.0)
     # the shared sampler fields (generation.SamplingConfig) are checked for evaluation and for preference pairs
-    from trl_onpolicy.preferences import PairConfig
+    from trl_onpolicy.eval.preferences import PairConfig
 
     for cls in (EvalConfig, PairConfig):
         for bad, field_name in [(dict(top_p=0.0), "top_p"), (dict(batch_size=0), "batch_size"),
@@ -188,7 +188,7 @@ def test_eval_cli_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert len((out / "mine.jsonl").read_text().splitlines()) == 3
     assert "mine" in capsys.readouterr().out
     # fingerprint.json records what produced the outputs: the weights' files, each set's rows, the settings
-    from trl_onpolicy.fingerprint import data_fingerprint, model_fingerprint
+    from trl_onpolicy.utils.fingerprint import data_fingerprint, model_fingerprint
 
     recorded = json.loads((out / "fingerprint.json").read_text())
     assert recorded["model"] == model_fingerprint(str(tiny_model_dir))

@@ -1,4 +1,4 @@
-"""KL(base || trained) and held-out NLL (trl_onpolicy.forgetting) against independent references: a float64 loop over
+"""KL(base || trained) and held-out NLL (trl_onpolicy.eval.forgetting) against independent references: a float64 loop over
 positions on the full logits, and TRL's own SFT loss."""
 
 import copy
@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from trl_onpolicy.evaluation import render_prompts
-from trl_onpolicy.forgetting import heldout_nll, kl_to_base, sample_base_responses
+from trl_onpolicy.eval.evaluation import render_prompts
+from trl_onpolicy.eval.forgetting import heldout_nll, kl_to_base, sample_base_responses
 
 from conftest import word_problem_rows
 
@@ -116,7 +116,7 @@ def test_heldout_nll_refuses_rows_without_completion(tiny_model):
 
 
 def test_cached_base_hidden_states_give_the_same_kl(tiny_model):
-    from trl_onpolicy.forgetting import base_hidden_states
+    from trl_onpolicy.eval.forgetting import base_hidden_states
 
     base, tok = tiny_model
     trained = _perturbed(base, scale=0.03)

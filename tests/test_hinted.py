@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trl_onpolicy import hinted_decode
-from trl_onpolicy.hinted import select_tokens, top_p_filter
-from trl_onpolicy.tiny import make_tiny_model
+from trl_onpolicy.hinted.decoding import select_tokens, top_p_filter
+from trl_onpolicy.testing.tiny import make_tiny_model
 
 HINTED_TEXTS = [
     "Question: what is 12 + 7? Reference: 12 + 7 = 19. Explain it in your own words.",
@@ -258,7 +258,7 @@ def test_errors(tiny_tokenizer):
 
 
 def test_mixture_and_repetition_helpers_against_plain_python():
-    from trl_onpolicy.hinted import mix_log_probs, normalized_entropy, repetition_counts
+    from trl_onpolicy.hinted.decoding import mix_log_probs, normalized_entropy, repetition_counts
 
     g = torch.Generator().manual_seed(0)
     z_p, z_q = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
@@ -287,7 +287,7 @@ def test_mixture_and_repetition_helpers_against_plain_python():
 
 
 def test_inverse_cdf_sampling_never_picks_impossible_tokens():
-    from trl_onpolicy.hinted import inverse_cdf_sample
+    from trl_onpolicy.hinted.decoding import inverse_cdf_sample
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
     u = torch.tensor([0.0, 0.25, 0.4999, 0.5, 0.75, 1.0 - 2**-53], dtype=torch.float64)
@@ -381,7 +381,7 @@ def test_sampled_decoding_with_repetition_stop_matches_reference(setup):
 
 
 def test_repetition_guard_equals_recount_including_hash_collisions():
-    from trl_onpolicy.hinted import RepetitionGuard, repetition_counts
+    from trl_onpolicy.hinted.decoding import RepetitionGuard, repetition_counts
 
     class Colliding(RepetitionGuard):  # tiny moduli: different windows share hashes all the time
         _MOD = torch.tensor([7, 5])
@@ -417,7 +417,7 @@ def splitter_streams(tokenizer, rng):
 def test_splitter_watch_finds_the_same_first_step_as_a_full_decode(tiny_tokenizer, which):
     import random
 
-    from trl_onpolicy.hinted import SplitterWatch
+    from trl_onpolicy.hinted.decoding import SplitterWatch
 
     if which == "tiny":
         tok = tiny_tokenizer

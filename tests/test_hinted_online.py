@@ -7,18 +7,17 @@ from online_child import fingerprint
 import torch
 from datasets import Dataset
 
-import trl_onpolicy.hinted as hinted_module
+import trl_onpolicy.hinted.decoding as hinted_module
 from trl import SFTConfig, SFTTrainer
 
 from trl_onpolicy import HintedDataCollator, IDFTConfig
-from trl_onpolicy.hinted_online import (
+from trl_onpolicy.trainer.online import (
     HINTED_KEY,
     HintedSettings,
     OnlineHintedArguments,
-    OnlineIDFTTrainer,
     OnlineSFTTrainer,
 )
-from trl_onpolicy.idft_trainer import IDFTTrainer
+from trl_onpolicy.trainer.idft_trainer import IDFTTrainer, OnlineIDFTTrainer
 
 
 rows = word_problem_rows
@@ -173,7 +172,7 @@ def test_collator_batch_and_errors(tiny_model, tmp_path):
                           data_collator=lambda x: x)
     assert torch.is_tensor(batch["attention_mask"])
     # recipe-side arguments map onto the collator
-    from trl_onpolicy.hinted_online import OnlineHintedArguments
+    from trl_onpolicy.trainer.online import OnlineHintedArguments
 
     c = HintedDataCollator(tok, **OnlineHintedArguments(hinted_beta=2.0, hinted_on_reject="keep").collator_kwargs())
     assert c.decode_kwargs["beta"] == 2.0 and c.on_reject == "keep"
@@ -288,7 +287,7 @@ def test_plain_prompt_is_rendered_as_sft_trainer_renders_the_training_prompt(tin
         text = tok.decode(plain)
         assert f"[tutor {i}]" in text and '"name": "add"' in text  # both were applied
     # without them (what the collator did before) the prompt would differ
-    from trl_onpolicy.realign import prompt_ids
+    from trl_onpolicy.hinted.realign import prompt_ids
 
     assert prompt_ids(tok, data[0]["prompt"]) != hb.plain_prompt_ids[0]
 
@@ -345,7 +344,7 @@ def _recipe(tmp_path, model_dir, **keys):
 def test_online_training_from_a_recipe(tiny_model_dir, tmp_path, monkeypatch):
     """`trl-onpolicy train --config R.yaml` with hinted_online: true trains on sequences generated online, with the
     recipe's collator settings."""
-    from trl_onpolicy.scripts import common, train
+    from trl_onpolicy.cli import recipe as common, train
 
     generated = set()
     real = hinted_module.hinted_decode
@@ -381,7 +380,7 @@ def test_online_training_from_a_recipe(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_online_recipe_errors_are_named_before_training(tiny_model_dir, tmp_path, capsys):
-    from trl_onpolicy.scripts import train
+    from trl_onpolicy.cli import train
 
     def err(**keys):
         rc = train.main(["--config", str(_recipe(tmp_path, tiny_model_dir, **keys)), "--dry_run"])

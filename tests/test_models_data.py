@@ -1,4 +1,4 @@
-"""Offline data (`trl_onpolicy.data`) and the embedded model (`trl_onpolicy.models`)."""
+"""Offline data (`trl_onpolicy.data.datasets`) and the embedded model (`trl_onpolicy.utils.models`)."""
 
 import json
 import re
@@ -8,9 +8,10 @@ from fractions import Fraction
 import pytest
 import torch
 
-from trl_onpolicy import data, models
-from trl_onpolicy.answers import gold_answer, grade_response
-from trl_onpolicy.data import TASKS, load_sft_dataset, math_word_problems
+from trl_onpolicy.data import datasets as data
+from trl_onpolicy.utils import models
+from trl_onpolicy.eval.answers import gold_answer, grade_response
+from trl_onpolicy.data.datasets import TASKS, load_sft_dataset, math_word_problems
 
 # ---------------------------------------------------------------------------------------------------------- data
 
@@ -181,6 +182,8 @@ def test_missing_package_error_names_the_install_command(monkeypatch):
 
 
 def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
+    from trl_onpolicy.utils import io
+
     target = tmp_path / "model"
 
     def broken(folder):
@@ -188,10 +191,10 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
         raise KeyboardInterrupt  # an interrupted conversion
 
     with pytest.raises(KeyboardInterrupt):
-        models.atomic_folder(target, broken)
+        io.atomic_folder(target, broken)
     assert list(tmp_path.iterdir()) == []
-    models.atomic_folder(target, lambda folder: (folder / "config.json").write_text("{}"))
-    assert (target / "config.json").is_file() and models._is_complete(target)
+    io.atomic_folder(target, lambda folder: (folder / "config.json").write_text("{}"))
+    assert (target / "config.json").is_file() and io.is_complete(target)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 

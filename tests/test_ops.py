@@ -1,11 +1,11 @@
-"""`trl_onpolicy.ops`: tiled token statistics against float64 full-softmax recomputations and TRL's fused LM head."""
+"""`trl_onpolicy.ops.lm_head`: tiled token statistics against float64 full-softmax recomputations and TRL's fused LM head."""
 
 import math
 
 import pytest
 import torch
 
-from trl_onpolicy.ops import (
+from trl_onpolicy.ops.lm_head import (
     DEFAULT_TILES,
     backbone,
     default_tiles,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from trl_onpolicy.answers import grade_response
-from trl_onpolicy.preferences import PairConfig, build_preference_pairs, corrupt_answer, model_generate_fn
+from trl_onpolicy.eval.answers import grade_response
+from trl_onpolicy.eval.preferences import PairConfig, build_preference_pairs, corrupt_answer, model_generate_fn
 
 
 def _row(i, answer, reference=None):
@@ -113,7 +113,7 @@ def test_pairs_cli_on_tiny_model(tiny_model_dir, tmp_path):
 
     from datasets import load_from_disk
 
-    from trl_onpolicy.preferences import main
+    from trl_onpolicy.eval.preferences import main
 
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(json.dumps(_row(i, str(i + 2))) for i in range(3)))

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from trl_onpolicy.data import math_word_problems
-from trl_onpolicy.ops import full_softmax_statistics
-from trl_onpolicy.quickstart import main
+from trl_onpolicy.data.datasets import math_word_problems
+from trl_onpolicy.ops.lm_head import full_softmax_statistics
+from trl_onpolicy.cli.quickstart import main
 
 
 def _reference_phi(model_dir, rows, beta=1.0, gamma_min=0.1, gamma_max=2.0):

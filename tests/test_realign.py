@@ -14,9 +14,9 @@ from conftest import free_port, word_problem_rows
 import torch
 from datasets import Dataset
 
-from trl_onpolicy.hinted import hinted_decode
-from trl_onpolicy.ops import full_softmax_statistics
-from trl_onpolicy.realign import (
+from trl_onpolicy.hinted.decoding import hinted_decode
+from trl_onpolicy.ops.lm_head import full_softmax_statistics
+from trl_onpolicy.hinted.realign import (
     RealignConfig,
     build_hinted_prompt_ids,
     main,
@@ -130,7 +130,7 @@ def test_resume_after_crash_loses_and_duplicates_nothing(tiny_model, tmp_path, m
     data = Dataset.from_list(rows(11))
     full = realign_dataset(model, tok, data, small_config(tmp_path / "full"), checker=None, progress=False)
 
-    import trl_onpolicy.realign as realign
+    import trl_onpolicy.hinted.realign as realign
 
     decoded = []
     real = realign._decode
@@ -279,7 +279,7 @@ def test_cli_sigkill_mid_run_then_resume(tiny_model_dir, tmp_path):
     # score_reference: every row checks its reference ("#### N" always yields an answer), so the checker always runs
     recipe = _write_recipe(tmp_path, tiny_model_dir, data_file, out, checker="slowcheck:check", score_reference=True)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "trl_onpolicy.cli", "realign", "--config", str(recipe)]
+    cmd = [sys.executable, "-m", "trl_onpolicy.cli.commands", "realign", "--config", str(recipe)]
     proc = subprocess.Popen(cmd, env={**env, "STALL_AFTER": str(first)}, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -305,7 +305,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import trl_onpolicy.realign as realign
+import trl_onpolicy.hinted.realign as realign
 
 torch.set_num_threads(1)
 state = PartialState(cpu=True)
@@ -323,7 +323,7 @@ config = realign.RealignConfig(**json.loads(sys.argv[4]))
 realign.realign_dataset(model, tok, Dataset.from_list(rows), config, checker=None, state=state, progress=False)
 with open(f"{out}/rank{state.process_index}.json", "w") as f:
     json.dump({"world": state.num_processes, "shards": done}, f)
-from trl_onpolicy.distributed import end_processes
+from trl_onpolicy.utils.distributed import end_processes
 end_processes()  # as the CLI does: no rank exits while a peer still talks to it
 '''
 

@@ -64,7 +64,7 @@ def test_recipe_trains_on_the_assistant_turn_only(recipe, tiny_model_dir, tmp_pa
     from transformers import AutoTokenizer
 
     command = _command(recipe)
-    module = importlib.import_module(f"trl_onpolicy.scripts.{command}")
+    module = importlib.import_module(f"trl_onpolicy.cli.{command}")
     rows = _dataset_like(recipe.read_text(), command)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import arithmetic_examples
 
-from trl_onpolicy.scripts import dpo, simpo, train
+from trl_onpolicy.cli import dpo, simpo, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -180,7 +180,7 @@ def test_invalid_values_and_columns(tiny_model_dir, sft_file, pairs_file, capsys
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
     """`trl-onpolicy <data command>` turns a bad value or a missing file into one error line and exit status 2 (no
     model is loaded); TRL_ONPOLICY_TRACEBACK=1 re-raises for bug reports."""
-    from trl_onpolicy import cli
+    from trl_onpolicy.cli import commands as cli
 
     monkeypatch.delenv("TRL_ONPOLICY_TRACEBACK", raising=False)
     for argv, needle in [
@@ -210,7 +210,7 @@ def test_cli_overrides_recipe_env_block_and_splits(tmp_path, tiny_model_dir, sft
         "token_loss: dft\nlearning_rate: 1.0e-4\nenv:\n  TRL_ONPOLICY_RECIPE_TEST: from-recipe\n"
     )
     parser = train.make_train_parser()
-    from trl_onpolicy.scripts.common import parse_recipe
+    from trl_onpolicy.cli.recipe import parse_recipe
 
     script_args, args, model_args, _, run_args, hinted = parse_recipe(
         parser, ["--config", str(recipe), "--token_loss", "eaft", "--dry_run", "--output_dir", str(tmp_path / "o")]

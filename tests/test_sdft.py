@@ -1,4 +1,4 @@
-"""SDFT wrapper (trl_onpolicy.sdft) around TRL 1.16's experimental SDFTTrainer: the behaviour we rely on, pinned."""
+"""SDFT wrapper (trl_onpolicy.trainer.sdft) around TRL 1.16's experimental SDFTTrainer: the behaviour we rely on, pinned."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from trl_onpolicy.sdft import build_sdft_trainer, sdft_config, sdft_dataset, train_sdft
+from trl_onpolicy.trainer.sdft import build_sdft_trainer, sdft_config, sdft_dataset, train_sdft
 
 from conftest import word_problem_rows
 

@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 from conftest import arithmetic_examples
 from trl_onpolicy import IDFTConfig, IDFTTrainer
-from trl_onpolicy.tiny import make_tiny_model
+from trl_onpolicy.testing.tiny import make_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

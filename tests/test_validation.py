@@ -1,4 +1,4 @@
-"""Unit tests of the shared input checks (`trl_onpolicy.validation`) and result fingerprints (`trl_onpolicy.fingerprint`)."""
+"""Unit tests of the shared input checks (`trl_onpolicy.utils.validation`) and result fingerprints (`trl_onpolicy.utils.fingerprint`)."""
 
 import hashlib
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_onpolicy import fingerprint as fp
-from trl_onpolicy.validation import (
+from trl_onpolicy.utils import fingerprint as fp
+from trl_onpolicy.utils.validation import (
     COUNT,
     PROBABILITY_OPEN_LOW,
     Range,

@@ -1,7 +1,7 @@
 """Token-loss family of on-policy SFT, as pure tensor functions.
 
 Everything here takes per-token tensors (log-probabilities of the targets, entropies, masks) and returns per-token
-tensors. Nothing here knows about models, trainers or data: the trainer (`trl_onpolicy.idft_trainer`) feeds these
+tensors. Nothing here knows about models, trainers or data: the trainer (`trl_onpolicy.trainer.idft_trainer`) feeds these
 functions with what TRL's fused LM head computes, and the tests compare them against a float64 full-softmax
 recomputation.
 
@@ -91,7 +91,7 @@ def normalized_entropy(entropy: torch.Tensor, num_classes: int | torch.Tensor) -
 def topk_entropy_from_logits(logits: torch.Tensor, k: int = 20) -> torch.Tensor:
     """Entropy of the softmax renormalised over the ``k`` largest logits of each row (EAFT's original H~ before / ln k).
 
-    Works on ``[..., V]`` logits; callers that cannot hold full logits use `trl_onpolicy.ops.token_statistics`,
+    Works on ``[..., V]`` logits; callers that cannot hold full logits use `trl_onpolicy.ops.lm_head.token_statistics`,
     which computes the same value tile by tile.
     """
     top = logits.to(torch.promote_types(logits.dtype, torch.float32)).topk(min(k, logits.shape[-1]), dim=-1).values

@@ -1,0 +1,2 @@
+"""Grading (`answers`, the one grader), benchmark evaluation, forgetting measures and preference pairs built from
+graded samples (`preferences`, for DPO/SimPO)."""

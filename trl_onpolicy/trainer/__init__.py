@@ -1,0 +1,1 @@
+"""The TRL integration: `IDFTConfig` beside `IDFTTrainer`, and online mode (`online`: `HintedDataCollator`)."""
