@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from trl_onpolicy.hinted.decoding import hinted_decode, mix_log_probs, mixing_lambda, normalized_entropy, select_tokens
+from trl_onpolicy.hinted.decoding import hinted_decode, hinted_entropy, mix_log_probs, mixing_lambda, select_tokens
 
 QUESTIONS = [
     ("Tom has {a} apples and buys {b} more bags with {c} apples each. How many apples does he have now?",
@@ -158,7 +158,7 @@ def authors_step(model, hinted_prefix, plain_prefix, args, generator, device):
     zp = model(torch.tensor([hinted_prefix], device=device), use_cache=False, logits_to_keep=1).logits[0, -1]
     zq = model(torch.tensor([plain_prefix], device=device), use_cache=False, logits_to_keep=1).logits[0, -1]
     log_p, log_q = zp.float().log_softmax(-1), zq.float().log_softmax(-1)
-    lam = mixing_lambda(normalized_entropy(log_p), "linear", beta=args.beta)
+    lam = mixing_lambda(hinted_entropy(log_p), "linear", beta=args.beta)
     log_m = mix_log_probs(log_p, log_q, lam)
     return int(select_tokens(log_m[None], temperature=args.temperature, top_p=args.top_p, generators=generator)[0])
 

@@ -6,6 +6,7 @@
 import sys
 
 from trl_onpolicy.cli.train import main
+from trl_onpolicy.utils.distributed import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))  # a rank of a multi-process launch skips finalization (see there)

@@ -77,3 +77,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (the embedded model, converted once into the shared cache: about 30 s
+    the first time on a machine). For tests about the real model's tokenization only."""
+    from transformers import AutoTokenizer
+
+    from trl_onpolicy.utils.models import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())

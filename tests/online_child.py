@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trl_onpolicy.hinted.decoding as hm
 from trl_onpolicy import HintedDataCollator, IDFTConfig, IDFTTrainer
-from trl_onpolicy.utils.distributed import end_processes
+from trl_onpolicy.utils.distributed import end_processes, exit_process
 
 
 def fingerprint(model) -> str:
@@ -137,3 +137,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as scripts/train.py: a rank skips interpreter finalization (gloo threads still run)

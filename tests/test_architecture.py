@@ -166,3 +166,26 @@ def test_file_locking_and_atomic_renames_live_in_utils_io_only():
         if name != "trl_onpolicy.utils.io" and ("fcntl.flock" in text or "os.replace(" in text):
             offenders.append(name)
     assert offenders == []
+
+
+def test_old_module_paths_import_the_new_modules_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    from trl_onpolicy._moved import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+
+
+def test_public_api_is_where_the_readme_says():
+    from trl_onpolicy import HintedDataCollator, IDFTConfig, IDFTTrainer, hinted_decode, score_dataset
+    from trl_onpolicy.losses import token_loss
+
+    assert IDFTTrainer.__module__ == "trl_onpolicy.trainer.idft_trainer"
+    assert IDFTConfig.__module__ == "trl_onpolicy.trainer.idft_config"
+    assert HintedDataCollator.__module__ == "trl_onpolicy.trainer.online"
+    assert callable(hinted_decode) and callable(score_dataset) and callable(token_loss)

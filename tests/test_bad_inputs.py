@@ -1,6 +1,7 @@
 """Bad input, as a hostile user would give it, to every command: each case must end with a non-zero exit status, one
 `trl-onpolicy CMD: error: ...` line naming the field or file, no traceback, the inputs unchanged and no model
-written. The commands run in-process (`trl_onpolicy.cli.commands.main`) with a tiny model, so the table stays fast."""
+written. The commands run in-process (`trl_onpolicy.cli.commands.main`) with a tiny model, so the table stays fast.
+An error once a command's work has started is the other case: a failure, with its traceback and exit status 1."""
 
 import hashlib
 import json
@@ -113,7 +114,7 @@ def _quickstart(w, *extra):
 
 NAN, INF = "nan", "inf"
 HUB_ID = "trl-onpolicy-tests/no-such-model"  # looks like a Hub id (owner/name); the Hub (offline in tests) lacks it
-# (case id, argv builder, text the error must contain)
+# (case id, argv builder, text the error must contain: one string, or a tuple of strings that must all appear)
 CASES = [
     # TRL / transformers fields our training commands pass on
     ("train-lr-inf", lambda w: _train(w, "--learning_rate", INF), "learning_rate=inf"),
@@ -125,7 +126,7 @@ CASES = [
     ("train-adam-eps-nan", lambda w: _train(w, "--adam_epsilon", NAN), "adam_epsilon=nan"),
     ("train-grad-accum-0", lambda w: _train(w, "--gradient_accumulation_steps", "0"), "gradient_accumulation_steps=0"),
     ("train-no-steps", lambda w: _train(w, "--max_steps", "-1", "--num_train_epochs", "-1"), "num_train_epochs=-1"),
-    ("train-epochs-0", lambda w: _train(w, "--max_steps", "-1", "--num_train_epochs", "0"), "nothing would be trained"),
+    ("train-epochs-0", lambda w: _train(w, "--max_steps", "-1", "--num_train_epochs", "0"), ("num_train_epochs=0.0 is invalid", "nothing would be trained")),
     ("train-batch-0", lambda w: _train(w, "--per_device_train_batch_size", "0"), "per_device_train_batch_size=0"),
     ("train-max-length-0", lambda w: _train(w, "--max_length", "0"), "max_length=0"),
     ("train-eaft-top-k-1", lambda w: _train(w, "--token_loss", "eaft", "--eaft_top_k", "1"), "eaft_top_k=1"),
@@ -145,25 +146,25 @@ CASES = [
     ("ddt-non-utf8", lambda w: _ddt(w, data="latin1"), "latin1.jsonl', line 2: not valid UTF-8"),
     ("ddt-empty-jsonl", lambda w: _ddt(w, data="empty"), "empty.jsonl' is empty"),
     # models and output paths
-    ("train-missing-model", lambda w: _train(w, "--model_name_or_path", str(w["root"] / "no/such/model")), "no such local folder"),
-    ("train-model-no-weights", lambda w: _train(w, "--model_name_or_path", str(w["no_weights"])), "no weight files"),
-    ("train-output-is-model", lambda w: _train(w, "--output_dir", str(w["model"])), "would overwrite the input"),
-    ("train-output-is-file", lambda w: _train(w, "--output_dir", str(w["a_file"])), "is an existing file"),
-    ("train-output-under-file", lambda w: _train(w, "--output_dir", str(w["a_file"] / "sub")), "a_file is a file"),
-    ("train-partial-checkpoint", lambda w: _train(w, "--resume_from_checkpoint", str(w["partial_checkpoint"])), "is incomplete"),
-    ("eval-missing-model", lambda w: _eval(w, "--model_name_or_path", "./no/such/model"), "no such local folder"),
-    ("ddt-output-is-model", lambda w: _ddt(w, "--output_dir", str(w["model"])), "would overwrite the input"),
-    ("filter-output-is-input", lambda w: _filter(w, "--output_path", str(w["sft"])), "would overwrite the input"),
-    ("filter-wrong-scores", lambda w: _filter(w, "--scores_file", str(w["sft"])), "no integer `index`"),
-    ("filter-summary-as-scores", lambda w: _filter(w, "--scores_file", str(w["summary"])), "samples.jsonl"),
-    ("realign-output-is-data", lambda w: _realign(w, "--output_dir", str(w["realign"])), "is an existing file"),
-    ("pairs-output-is-model", lambda w: _pairs(w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("train-missing-model", lambda w: _train(w, "--model_name_or_path", str(w["root"] / "no/such/model")), ("model_name_or_path=", "no such local folder")),
+    ("train-model-no-weights", lambda w: _train(w, "--model_name_or_path", str(w["no_weights"])), ("model_name_or_path=", "no weight files")),
+    ("train-output-is-model", lambda w: _train(w, "--output_dir", str(w["model"])), ("output_dir '", "would overwrite the input")),
+    ("train-output-is-file", lambda w: _train(w, "--output_dir", str(w["a_file"])), ("output_dir '", "is an existing file")),
+    ("train-output-under-file", lambda w: _train(w, "--output_dir", str(w["a_file"] / "sub")), ("output_dir '", "a_file is a file")),
+    ("train-partial-checkpoint", lambda w: _train(w, "--resume_from_checkpoint", str(w["partial_checkpoint"])), ("resume_from_checkpoint=", "is incomplete")),
+    ("eval-missing-model", lambda w: _eval(w, "--model_name_or_path", "./no/such/model"), ("model_name_or_path=", "no such local folder")),
+    ("ddt-output-is-model", lambda w: _ddt(w, "--output_dir", str(w["model"])), ("ddt output_dir", "would overwrite the input")),
+    ("filter-output-is-input", lambda w: _filter(w, "--output_path", str(w["sft"])), ("ddt-filter output_path", "would overwrite the input")),
+    ("filter-wrong-scores", lambda w: _filter(w, "--scores_file", str(w["sft"])), ("scores_file '", "no integer `index`")),
+    ("filter-summary-as-scores", lambda w: _filter(w, "--scores_file", str(w["summary"])), ("scores_file '", "samples.jsonl")),
+    ("realign-output-is-data", lambda w: _realign(w, "--output_dir", str(w["realign"])), ("RealignConfig.output_dir", "is an existing file")),
+    ("pairs-output-is-model", lambda w: _pairs(w, "--output_dir", str(w["model"])), ("pairs output_dir", "would overwrite the input")),
     # recipes
-    ("recipe-python-tag", lambda w: _train(w, "--config", str(w["python_tag"])), "Python tags"),
-    ("recipe-list", lambda w: _train(w, "--config", str(w["list_yaml"])), "must be a YAML mapping"),
+    ("recipe-python-tag", lambda w: _train(w, "--config", str(w["python_tag"])), ("python_tag.yaml", "Python tags")),
+    ("recipe-list", lambda w: _train(w, "--config", str(w["list_yaml"])), ("list.yaml", "must be a YAML mapping")),
     ("recipe-no-path", lambda w: ["ddt", "--config"], "`--config` needs the path"),
     ("recipe-missing", lambda w: ["realign", "--config", str(w["root"] / "nope.yaml")], "nope.yaml' does not exist"),
-    ("recipe-python-tag-realign", lambda w: ["realign", "--config", str(w["python_tag"])], "Python tags"),
+    ("recipe-python-tag-realign", lambda w: ["realign", "--config", str(w["python_tag"])], ("python_tag.yaml", "Python tags")),
     # sampling and other numeric arguments of the data commands
     ("ddt-self-temperature-nan", lambda w: _ddt(w, "--self_temperature", NAN), "self_temperature=nan"),
     ("ddt-batch-0", lambda w: _ddt(w, "--batch_size", "0"), "batch_size=0"),
@@ -174,24 +175,24 @@ CASES = [
     ("eval-missing-set-file", lambda w: _eval(w, "--sets", f"x={w['root'] / 'missing.jsonl'}"), "missing.jsonl' does not exist"),
     ("pairs-temperature-nan", lambda w: _pairs(w, "--temperature", NAN), "temperature=nan"),
     ("pairs-num-samples-0", lambda w: _pairs(w, "--num_samples", "0"), "num_samples=0"),
-    ("realign-placeholder", lambda w: _realign(w, "--hint_template", "{question} {reference} {answer}"), "unknown placeholder"),
+    ("realign-placeholder", lambda w: _realign(w, "--hint_template", "{question} {reference} {answer}"), ("hint_template", "unknown placeholder")),
     ("realign-temperature-nan", lambda w: _realign(w, "--temperature", NAN), "temperature=nan"),
     ("realign-top-p", lambda w: _realign(w, "--top_p", "1.5"), "top_p=1.5"),
     ("quickstart-lr-nan", lambda w: _quickstart(w, "--learning_rate", NAN), "learning_rate=nan"),
-    ("quickstart-missing-model", lambda w: _quickstart(w, "--model_name_or_path", "./no/such/model"), "no such local folder"),
-    ("realign-model-no-weights", lambda w: _realign(w, "--model_name_or_path", str(w["no_weights"])), "no weight files"),
+    ("quickstart-missing-model", lambda w: _quickstart(w, "--model_name_or_path", "./no/such/model"), ("model_name_or_path=", "no such local folder")),
+    ("realign-model-no-weights", lambda w: _realign(w, "--model_name_or_path", str(w["no_weights"])), ("model_name_or_path=", "no weight files")),
     ("quickstart-steps-0", lambda w: _quickstart(w, "--max_steps", "0"), "max_steps=0"),
     # ddt with no row it can score: one line before the cache is opened (was an empty summary, then a plot error)
     ("ddt-no-row-fits-max-length", lambda w: _ddt(w, "--max_length", "8"), "none of the 8 rows can be scored (too_long: 8"),
     ("ddt-all-completions-empty", lambda w: _ddt(w, data="all_empty"), "none of the 3 rows can be scored (empty_completion: 3"),
     # an output folder equal to the model folder, for the commands the rows above do not cover
-    ("dpo-output-is-model", lambda w: _pref("dpo", w, "--output_dir", str(w["model"])), "would overwrite the input"),
-    ("simpo-output-is-model", lambda w: _pref("simpo", w, "--output_dir", str(w["model"])), "would overwrite the input"),
-    ("realign-output-is-model", lambda w: _realign(w, "--output_dir", str(w["model"])), "would overwrite the input"),
-    ("eval-output-is-model", lambda w: _eval(w, "--output_dir", str(w["model"])), "would overwrite the input"),
-    ("quickstart-output-is-model", lambda w: _quickstart(w, "--output_dir", str(w["model"])), "would overwrite the input"),
+    ("dpo-output-is-model", lambda w: _pref("dpo", w, "--output_dir", str(w["model"])), ("output_dir '", "would overwrite the input")),
+    ("simpo-output-is-model", lambda w: _pref("simpo", w, "--output_dir", str(w["model"])), ("output_dir '", "would overwrite the input")),
+    ("realign-output-is-model", lambda w: _realign(w, "--output_dir", str(w["model"])), ("RealignConfig.output_dir", "would overwrite the input")),
+    ("eval-output-is-model", lambda w: _eval(w, "--output_dir", str(w["model"])), ("eval output_dir", "would overwrite the input")),
+    ("quickstart-output-is-model", lambda w: _quickstart(w, "--output_dir", str(w["model"])), ("quickstart output_dir", "would overwrite the input")),
     ("compare-config-no-path", lambda w: ["compare", "--config"], "`--config` needs the path"),
-    ("filter-scores-of-other-data", lambda w: _filter(w, "--scores_file", str(w["other_scores"])), "scores different data than this dataset"),
+    ("filter-scores-of-other-data", lambda w: _filter(w, "--scores_file", str(w["other_scores"])), ("scores_file '", "scores different data than this dataset")),
     ("quickstart-prompts-beyond-max-length", lambda w: _quickstart(w, "--max_length", "8", "--num_samples", "4"),
      "every one of the 4 training rows is longer than max_length=8"),
     # a model named like a Hub id that the Hub (or its offline cache) cannot provide: one line, not a traceback
@@ -211,7 +212,7 @@ def _snapshot(root: Path) -> dict:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_error_line_before_any_work(case, world, capsys, monkeypatch):
     monkeypatch.delenv("TRL_ONPOLICY_TRACEBACK", raising=False)
-    name, build, needle = case
+    name, build, needles = case
     argv = build(world)
     before = _snapshot(world["root"]), _snapshot(world["model"])
     try:
@@ -221,7 +222,8 @@ def test_bad_input_is_one_error_line_before_any_work(case, world, capsys, monkey
     err = capsys.readouterr().err
     assert rc == 2, (name, rc, err)
     assert f"trl-onpolicy {argv[0]}: error:" in err, err
-    assert needle in err, (needle, err)
+    for needle in _needles(needles):
+        assert needle in err, (needle, err)
     assert "Traceback" not in err
     # nothing changed: inputs untouched, no model (nor anything else) written
     assert (_snapshot(world["root"]), _snapshot(world["model"])) == before
@@ -238,8 +240,68 @@ def test_launchable_script_reads_a_negative_exponent_value(world, capsys):
     assert _snapshot(world["root"]) == before  # nothing written
 
 
-def test_enough_bad_inputs_are_covered():
-    assert len(CASES) >= 30
+def _needles(needles) -> tuple:
+    return (needles,) if isinstance(needles, str) else tuple(needles)
+
+
+# the arguments each command's rows start from; a row's own changes to them are what it tests
+BASE_ARGV = {"train": _train, "dpo": lambda w: _pref("dpo", w), "simpo": lambda w: _pref("simpo", w), "ddt": _ddt,
+             "ddt-filter": _filter, "eval": _eval, "pairs": _pairs, "realign": _realign, "quickstart": _quickstart}
+
+
+def _flags(argv: list[str]) -> dict:
+    """``--name value`` / ``--name`` pairs of a command line (the command itself left out)."""
+    flags, i = {}, 1
+    while i < len(argv):
+        if argv[i].startswith("--"):
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            flags[argv[i][2:]] = argv[i + 1] if has_value else None
+            i += 2 if has_value else 1
+        else:
+            i += 1
+    return flags
+
+
+def _names_of_what_changed(argv: list[str], world) -> set[str]:
+    """What an error about this row may name to point at the bad input: each flag the row changes from its command's
+    base arguments, the file name of a changed path value, and the keys inside a changed recipe or data file."""
+    base = _flags(BASE_ARGV[argv[0]](world)) if argv[0] in BASE_ARGV else {}
+    names = set()
+    for flag, value in _flags(argv).items():
+        if flag in base and base[flag] == value:
+            continue
+        names.add(flag)
+        if value is None:
+            continue
+        path = Path(value.split("=", 1)[-1])
+        names.add(path.name)
+        if path.is_file() and path.suffix in (".yaml", ".jsonl", ".json"):
+            import yaml
+
+            try:
+                first = yaml.safe_load(path.read_text().splitlines()[0]) if path.suffix == ".jsonl" else yaml.safe_load(path.read_text())
+            except (yaml.YAMLError, IndexError, UnicodeDecodeError):
+                continue
+            if isinstance(first, dict):
+                names.update(first)
+    return names
+
+
+def test_bad_input_rows_cover_every_command_and_name_the_field(world):
+    """The table covers what it claims: every command has rows (at least two each), and each row's expected message
+    names what the row made bad (the flag, the file or the key/column inside it), not only a symptom."""
+    assert len({c[0] for c in CASES}) == len(CASES), "duplicate case ids"
+    commands = [build(world)[0] for _, build, _ in CASES]
+    assert set(commands) <= set(cli.COMMANDS)
+    thin = {name: commands.count(name) for name in cli.COMMANDS if commands.count(name) < 2}
+    assert not thin, f"commands with fewer than two bad-input rows: {thin}"
+    vague = []
+    for name, build, needles in CASES:
+        names = _names_of_what_changed(build(world), world)
+        assert names, f"{name}: the row changes nothing from its command's base arguments"
+        if not any(n in needle for needle in _needles(needles) for n in names):
+            vague.append((name, sorted(names), needles))
+    assert not vague, f"rows whose expected error names none of the fields they change: {vague}"
 
 
 def test_traceback_on_request_and_same_message_from_the_api(world, monkeypatch):
@@ -301,3 +363,129 @@ def test_rows_beyond_max_length_are_counted(capsys):
     assert capsys.readouterr().out == ""
     with pytest.raises(RecipeError, match="every one of the 5 training rows"):
         report_dropped_rows(trainer(0), list(range(5)))
+
+
+# ------------------------------------------------------------------ an error once the work has started is a failure
+
+
+def _fail_hours_in(*args, **kwargs):
+    raise ValueError("simulated failure hours into the run")
+
+
+def _compare_recipe(w, tmp_path) -> Path:
+    path = tmp_path / "compare.yaml"
+    path.write_text(json.dumps({
+        "model_name_or_path": str(w["model"]), "output_dir": str(tmp_path / "out-compare"), "methods": ["base"],
+        "data": {"task": "chain_sum", "n": 4}, "budget": {"max_steps": 1},
+        "eval": {"sets": [{"name": "facts", "task": "facts", "n": 2, "role": "retention"}]}}))
+    return path
+
+
+def _break_the_work(command, monkeypatch):
+    """Make the long-running step of ``command`` raise a ValueError, after every input check has passed."""
+    if command == "train":
+        from trl_onpolicy.trainer.idft_trainer import IDFTTrainer
+
+        monkeypatch.setattr(IDFTTrainer, "train", _fail_hours_in)
+    elif command == "eval":
+        import trl_onpolicy.cli.eval as eval_cli
+
+        monkeypatch.setattr(eval_cli, "evaluate", _fail_hours_in)
+    elif command == "compare":
+        from trl_onpolicy.compare.runner import Comparison
+
+        monkeypatch.setattr(Comparison, "_run_claimed", _fail_hours_in)
+    elif command == "quickstart":
+        from trl_onpolicy.trainer.idft_trainer import IDFTTrainer
+
+        monkeypatch.setattr(IDFTTrainer, "train", _fail_hours_in)
+    elif command in ("ddt", "ddt-filter"):
+        import trl_onpolicy.cli.ddt as ddt_cli
+
+        monkeypatch.setattr(ddt_cli, "_chunked" if command == "ddt" else "_score", _fail_hours_in)
+    elif command == "realign":
+        import trl_onpolicy.hinted.realign as realign
+
+        monkeypatch.setattr(realign, "realign_shard", _fail_hours_in)
+    elif command == "pairs":
+        import trl_onpolicy.eval.preferences as preferences
+
+        monkeypatch.setattr(preferences, "make_preference_dataset", _fail_hours_in)
+
+
+# (command, a good command line, the same command line with one bad flag, the field its error names)
+WORK_CASES = [
+    ("train", lambda w, tmp: _train(w, "--output_dir", str(tmp / "o")),
+     lambda w, tmp: _train(w, "--output_dir", str(tmp / "o"), "--learning_rate", "nan"), "learning_rate=nan"),
+    ("eval", lambda w, tmp: _eval(w, "--output_dir", str(tmp / "o")),
+     lambda w, tmp: _eval(w, "--output_dir", str(tmp / "o"), "--top_p", "0"), "top_p=0.0"),
+    ("compare", lambda w, tmp: ["compare", "--config", str(_compare_recipe(w, tmp))],
+     lambda w, tmp: ["compare", "--config", str(_compare_recipe(w, tmp)), "--budget", "{max_steps: 0}"], "max_steps"),
+    ("quickstart", lambda w, tmp: _quickstart(w, "--output_dir", str(tmp / "o"), "--num_samples", "2", "--max_steps", "1"),
+     lambda w, tmp: _quickstart(w, "--output_dir", str(tmp / "o"), "--max_steps", "0"), "max_steps=0"),
+    ("ddt", lambda w, tmp: _ddt(w, "--output_dir", str(tmp / "o")),
+     lambda w, tmp: _ddt(w, "--output_dir", str(tmp / "o"), "--batch_size", "0"), "batch_size=0"),
+    ("ddt-filter", lambda w, tmp: ["ddt-filter", "--dataset_name", str(w["sft"]), "--model_name_or_path", str(w["model"]),
+                                   "--output_dir", str(tmp / "o"), "--min_value", "-0.3", "--no_progress"],
+     lambda w, tmp: _filter(w, "--output_dir", str(tmp / "o"), "--min_value", "nan"), "min_value=nan"),
+    ("realign", lambda w, tmp: _realign(w, "--output_dir", str(tmp / "o")),
+     lambda w, tmp: _realign(w, "--output_dir", str(tmp / "o"), "--temperature", "nan"), "temperature=nan"),
+    ("pairs", lambda w, tmp: ["pairs", "--model_name_or_path", str(w["model"]), "--task", "chain_sum", "--num_prompts", "2",
+                              "--output_dir", str(tmp / "o"), "--max_new_tokens", "4", "--num_samples", "2"],
+     lambda w, tmp: _pairs(w, "--output_dir", str(tmp / "o"), "--temperature", "nan"), "temperature=nan"),
+]
+
+
+@pytest.mark.parametrize("case", WORK_CASES, ids=[c[0] for c in WORK_CASES])
+def test_error_during_the_work_is_a_failure_with_its_traceback(case, world, tmp_path, capsys, monkeypatch):
+    """A ValueError raised once the command's work has started (the trainer's ``train``, the evaluation, the sweep,
+    the scoring, the generation) is no bad input: exit status 1 and the traceback, not exit 2 and one line. Before
+    the work, a bad flag of the same command is still one line and exit 2 (the mark of the failed run does not leak
+    into the next one)."""
+    monkeypatch.delenv("TRL_ONPOLICY_TRACEBACK", raising=False)
+    command, good, bad, field = case
+    _break_the_work(command, monkeypatch)
+    assert cli.main(good(world, tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "_fail_hours_in" in err, err
+    assert f"trl-onpolicy {command}: failed: ValueError: simulated failure hours into the run" in err
+    assert f"trl-onpolicy {command}: error:" not in err
+
+    assert cli.main(bad(world, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"trl-onpolicy {command}: error:" in err and field in err, err
+    lines = err.strip().splitlines()  # the error line, and the dispatcher's TRL_ONPOLICY_TRACEBACK hint if it printed it
+    assert "Traceback" not in err and lines[0].startswith(f"trl-onpolicy {command}: error:") and len(lines) <= 2, err
+
+
+def test_interrupt_during_training_still_exits_130(world, tmp_path, capsys, monkeypatch):
+    from trl_onpolicy.trainer.idft_trainer import IDFTTrainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IDFTTrainer, "train", interrupted)
+    assert cli.main(_train(world, "--output_dir", str(tmp_path / "o"))) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_work_mark_is_per_command_and_travels_with_the_error():
+    """`command_scope` starts each command unmarked and restores the caller's mark; an error raised after
+    `work_started()` stays recognisable once it has left the scope (the launchable scripts' `run_main` sits inside
+    the dispatcher's scope)."""
+    from trl_onpolicy.utils.errors import command_scope, has_work_started, raised_during_work, work_started
+
+    with command_scope():
+        work_started()
+        with pytest.raises(ValueError) as inner:
+            with command_scope():
+                assert not has_work_started()
+                work_started()
+                raise ValueError("after the mark")
+        assert has_work_started()  # the outer command's mark is back
+    assert not has_work_started()
+    assert raised_during_work(inner.value)
+    with pytest.raises(ValueError) as before:
+        with command_scope():
+            raise ValueError("before the mark")
+    assert not raised_during_work(before.value)

@@ -24,8 +24,22 @@ def test_realign_recipes_parse(path):
     assert isinstance(config, RealignConfig) and config.model_name_or_path and config.dataset_name
 
 
-def test_misspelled_recipe_key_is_refused(tmp_path):
+@pytest.mark.parametrize("command, recipe", [("ddt", "ddt/smollm2_gsm.yaml"), ("realign", "realign/smollm2_gsm_demo.yaml")])
+def test_misspelled_recipe_key_is_refused(tmp_path, capsys, monkeypatch, command, recipe):
+    """A misspelled key in a shipped recipe: a ValueError naming the key from the parser (never an argparse exit, never
+    silently ignored), and from `trl-onpolicy` exit status 2 with one error line naming it, before any work."""
+    from trl import TrlParser
+
+    from trl_onpolicy.cli import commands
+
+    monkeypatch.delenv("TRL_ONPOLICY_TRACEBACK", raising=False)
     bad = tmp_path / "bad.yaml"
-    bad.write_text((RECIPES / "ddt" / "smollm2_gsm.yaml").read_text() + "max_new_tokenz: 3\n")
-    with pytest.raises((ValueError, SystemExit)):
-        _parse(DDTArguments, ["--config", str(bad)])
+    bad.write_text((RECIPES / recipe).read_text() + "max_new_tokenz: 3\n")
+    with pytest.raises(ValueError, match="max_new_tokenz"):
+        if command == "ddt":
+            _parse(DDTArguments, ["--config", str(bad)])
+        else:
+            TrlParser((RealignConfig,)).parse_args_and_config(["--config", str(bad)])
+    assert commands.main([command, "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"trl-onpolicy {command}: error:") and "max_new_tokenz" in err and "Traceback" not in err, err

@@ -5,7 +5,6 @@ import json
 import math
 import statistics
 import sys
-import types
 
 import pytest
 import torch
@@ -13,76 +12,15 @@ import yaml
 
 import trl_onpolicy
 from trl_onpolicy.utils.io import file_lock
-from trl_onpolicy.compare import runner as compare
+import trl_onpolicy.compare as compare
 from trl_onpolicy.compare import report as compare_report
-from trl_onpolicy.compare.runner import Comparison, load_config_file, parse_config
+from trl_onpolicy.compare import Comparison, load_config_file, parse_config
 
 SETS = [
     {"name": "in_domain", "task": "chain_sum", "n": 4, "seed": 1, "task_kwargs": {"min_terms": 2, "max_terms": 2, "max_digits": 1}},
     {"name": "facts", "task": "facts", "n": 3, "role": "retention"},
 ]
 METRICS = {"kl_n": 3, "general_n": 3, "kl_max_new_tokens": 5, "nll_n": 3, "batch_size": 4}
-
-
-def _standin_forgetting():
-    """A plain stand-in for `trl_onpolicy.eval.forgetting` (same signatures) used only where that module is not installed:
-    one unpadded sequence at a time, full logits, float64."""
-    from trl_onpolicy.eval.evaluation import render_prompts
-    from trl_onpolicy.utils.generation import generate_ids
-
-    def encode(tok, prompts):
-        return [tok(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tok, prompts)]
-
-    def summary(values, counts, key):
-        means = [v / n for v, n in zip(values, counts) if n]
-        mean = sum(values) / max(1, sum(counts))
-        return {key: mean, "ci_low": min(means), "ci_high": max(means), "per_prompt": means,
-                "num_prompts": len(means), "num_tokens": sum(counts)}
-
-    @torch.no_grad()
-    def sample_base_responses(model, tokenizer, prompts, max_new_tokens=64, seed=0, batch_size=16, progress=True):
-        torch.manual_seed(seed)
-        return [list(ids) for ids, _ in generate_ids(model, tokenizer, encode(tokenizer, prompts),
-                                                     max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0)]
-
-    def base_hidden_states(base_model, tokenizer, prompts, responses, batch_size=8, progress=True):
-        return [None] * len(responses)  # kl_to_base below recomputes the base side
-
-    @torch.no_grad()
-    def kl_to_base(base_model, model, tokenizer, prompts, responses, batch_size=8, base_hidden=None, progress=True):
-        sums = []
-        for p, r in zip(encode(tokenizer, prompts), responses):
-            ids = torch.tensor([p + list(r)])
-            a = base_model(input_ids=ids).logits[0, len(p) - 1 : -1].double().log_softmax(-1)
-            b = model(input_ids=ids).logits[0, len(p) - 1 : -1].double().log_softmax(-1)
-            sums.append(float((a.exp() * (a - b)).sum()))
-        return summary(sums, [len(r) for r in responses], "kl")
-
-    @torch.no_grad()
-    def heldout_nll(model, tokenizer, rows, batch_size=8, progress=True):
-        sums, counts = [], []
-        for row in rows:
-            p = encode(tokenizer, [row["prompt"]])[0]
-            c = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"]
-            lp = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1].double().log_softmax(-1)
-            sums.append(-float(lp.gather(1, torch.tensor(c)[:, None]).sum()))
-            counts.append(len(c))
-        return summary(sums, counts, "nll")
-
-    module = types.ModuleType("trl_onpolicy.eval.forgetting")
-    module.sample_base_responses, module.kl_to_base, module.heldout_nll = sample_base_responses, kl_to_base, heldout_nll
-    module.base_hidden_states = base_hidden_states
-    return module
-
-
-@pytest.fixture(autouse=True)
-def forgetting_module(monkeypatch):
-    try:
-        from trl_onpolicy.eval import forgetting  # noqa: F401
-    except ImportError:
-        module = _standin_forgetting()
-        monkeypatch.setitem(sys.modules, "trl_onpolicy.eval.forgetting", module)
-        monkeypatch.setattr(trl_onpolicy, "forgetting", module, raising=False)
 
 
 def _recipe(tmp_path, model_dir, methods, name="compare.yaml", **extra):
@@ -510,7 +448,7 @@ def test_token_counter_counts_each_sequence_once():
             self.callbacks.append(cb)
 
     trainer = FakeTrainer()
-    counter = compare._token_counter_callback(trainer, max_tokens=None)
+    counter = compare.token_counter_callback(trainer, max_tokens=None)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     trainer.training_step(None, {"input_ids": torch.zeros(2, 4), "attention_mask": mask})  # SFT / DPO batch
     assert counter["tokens"] == 5
@@ -540,7 +478,7 @@ def test_token_counter_counts_rollout_batches_built_from_raw_rows():
             pass
 
     trainer = RolloutTrainer()
-    counter = compare._token_counter_callback(trainer, max_tokens=None)
+    counter = compare.token_counter_callback(trainer, max_tokens=None)
     trainer.training_step(None, [{"prompt": "a"}, {"prompt": "b"}])
     assert counter["tokens"] == 2 * (3 + 2)  # student prompt + completion, not the teacher's context
     trainer.training_step(None, {"attention_mask": torch.ones(1, 4)})  # a ready batch through both methods: once

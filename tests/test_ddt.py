@@ -16,7 +16,7 @@ from datasets import Dataset
 
 from conftest import arithmetic_examples
 from trl_onpolicy import score_dataset
-from trl_onpolicy.ddt.scoring import (
+from trl_onpolicy.ddt import (
     SKIP_REASONS,
     filter_dataset,
     sample_own_responses,
@@ -88,7 +88,7 @@ def test_statistics_match_float64_full_softmax(tiny_tokenizer):
             p.add_(0.3 * torch.randn_like(p))  # peaked, non-uniform distributions
     rows = arithmetic_examples(6)
     result = score_dataset(model, tok, rows, vocab_chunk=100, token_chunk=7, batch_size=4, progress=False)
-    from trl_onpolicy.ddt.scoring import Encoder
+    from trl_onpolicy.ddt import Encoder
 
     enc = Encoder(tok, "prompt_completion")
     for row, record, arrays in zip(rows, result.samples, result.tokens):
@@ -188,7 +188,7 @@ def _trl_prepared(tok, rows, assistant_only_loss=False):
 @pytest.mark.parametrize("fmt", ["conversational", "plain", "messages", "text"])
 def test_tokenization_matches_sft_trainer(tiny_tokenizer, fmt):
     """The scored tokens are exactly the tokens SFTTrainer trains on (its labels != -100)."""
-    from trl_onpolicy.ddt.scoring import Encoder, detect_format
+    from trl_onpolicy.ddt import Encoder, detect_format
 
     base = arithmetic_examples(4, conversational=fmt != "plain")
     if fmt == "messages":
@@ -210,7 +210,7 @@ def test_messages_without_generation_markers(tiny_tokenizer):
     """Templates TRL cannot patch with {% generation %} markers: assistant turns found by incremental rendering give
     TRL's marker mask minus the end of the generation prompt (here the newline after ``<|im_start|>assistant``, which
     TRL's Qwen training template puts inside the generation block), on a two-turn conversation."""
-    from trl_onpolicy.ddt.scoring import Encoder
+    from trl_onpolicy.ddt import Encoder
 
     conv = {"messages": [
         {"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "1 + 2 = 3."},
@@ -257,7 +257,7 @@ def test_api_and_cli_agree(trained, tmp_path):
 def test_cli_resumes_from_finished_chunks(trained, tmp_path, monkeypatch):
     """An interrupted run resumes: finished row chunks are read back from the cache (NumPy .npz, no pickle), only
     missing ones are scored."""
-    import trl_onpolicy.ddt.scoring as ddt_module
+    import trl_onpolicy.ddt as ddt_module
 
     model, tok, path = trained
     data = tmp_path / "data.jsonl"
@@ -288,7 +288,7 @@ def test_ddt_cache_is_recomputed_when_data_weights_or_settings_change(trained, t
     another setting, recompute every chunk (and report what changed); the numbers match a fresh run."""
     import shutil
 
-    import trl_onpolicy.ddt.scoring as ddt_module
+    import trl_onpolicy.ddt as ddt_module
 
     _, _, path = trained
     model_dir = tmp_path / "model"
@@ -461,3 +461,41 @@ def test_two_processes_match_one(trained, tmp_path):
     own = [json.loads(line) for line in (tmp_path / "out" / "self_samples.jsonl").read_text().splitlines()]
     assert [s["index"] for s in own] == list(range(len(rows)))  # own responses of both processes, gathered in order
     assert summary["self_samples"]["num_samples"] == len(rows)
+
+
+def test_public_names_of_the_former_single_module_still_import():
+    """``trl_onpolicy.ddt`` was one module before it was split into statistics / encoding / scoring / filter / plot:
+    every public name it had is still an attribute of the package, the same object as in its new module."""
+    import trl_onpolicy.ddt as ddt
+    from trl_onpolicy.ddt import encoding, filter, plot, scoring, statistics
+
+    former = ["THRESHOLDS", "PHI_QUANTILES", "HIST_RANGE", "HIST_BINS", "SKIP_REASONS", "FORMATS", "frac_key",
+              "SkipSample", "sample_statistics", "histogram", "corpus_summary", "detect_format", "Encoder",
+              "output_vocab_size", "check_tokenizer_fits", "check_some_row_scores", "score_token_ids", "worst_tokens",
+              "DDTResult", "score_dataset", "sample_own_responses", "FILTER_STATISTICS", "filter_mask",
+              "filter_dataset", "plot_phi_distribution"]
+    homes = (statistics, encoding, scoring, filter, plot)
+    for name in former:
+        assert any(getattr(m, name, None) is getattr(ddt, name) for m in homes), name
+    assert set(former) <= set(ddt.__all__)
+
+
+@pytest.mark.parametrize("fmt", ["conversational", "plain", "messages"])
+def test_own_sample_prompts_are_the_scored_prompts(tiny_tokenizer, fmt):
+    """`Encoder.prompt_ids` (the prompts the model's own responses are sampled after; rendered by
+    `trl_onpolicy.data.prompts.render_prompt_ids`) are the tokens before the first scored token of the same row, as
+    tokenized for scoring, i.e. as SFTTrainer tokenizes it (up to the newline that TRL's generation markers score)."""
+    from trl_onpolicy.ddt import Encoder, detect_format
+
+    rows = arithmetic_examples(3, conversational=fmt != "plain")
+    if fmt == "messages":
+        rows = [{"messages": [{"role": "system", "content": "Be brief."}, *r["prompt"], *r["completion"]]} for r in rows]
+    enc = Encoder(tiny_tokenizer, detect_format(list(rows[0])))
+    for row in rows:
+        ids, mask = enc(row)
+        prompt = enc.prompt_ids(row)
+        first = mask.index(1)
+        assert prompt[:first] == ids[:first] and len(prompt) >= first
+        assert tiny_tokenizer.decode(prompt[first:]).strip() == ""  # at most the generation prompt's newline
+        if fmt == "messages":
+            assert "Be brief." in tiny_tokenizer.decode(prompt)

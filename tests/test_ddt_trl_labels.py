@@ -7,7 +7,7 @@ import pytest
 from datasets import Dataset
 
 from trl_onpolicy import IDFTConfig
-from trl_onpolicy.ddt.scoring import Encoder, SkipSample, score_dataset
+from trl_onpolicy.ddt import Encoder, SkipSample, score_dataset
 from trl_onpolicy.trainer.idft_trainer import IDFTTrainer
 
 SYSTEM = "You are a careful math tutor. Reason step by step and end with the final answer in a box."

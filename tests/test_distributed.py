@@ -148,3 +148,18 @@ def test_save_and_resume_through_the_cli(tmp_path, tiny_model_dir):
         assert resumed_log[step]["idft_lambda"] == pytest.approx(expected[step])
         assert resumed_log[step]["idft_lambda"] == pytest.approx(straight_log[step]["idft_lambda"])
         assert resumed_log[step]["loss"] == pytest.approx(straight_log[step]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_exit_process_skips_finalization_only_in_a_multi_process_launch(world):
+    """The launched scripts end with `exit_process`: in a rank of a multi-process launch it leaves without
+    finalizing the interpreter (no atexit handler runs; gloo threads that DDP/DeepSpeed keep alive past
+    destroy_process_group aborted ranks during finalization), after flushing what was printed; alone it is sys.exit."""
+    code = ("import atexit, sys\nfrom trl_onpolicy.utils.distributed import exit_process\n"
+            "atexit.register(lambda: print('finalized', flush=True))\n"
+            "print('work done', end='')\nprint('to stderr', end='', file=sys.stderr)\nexit_process(3)\n")
+    env = dict(os.environ, WORLD_SIZE=world)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout.startswith("work done") and proc.stderr.endswith("to stderr")
+    assert ("finalized" in proc.stdout) == (world == "1")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from trl_onpolicy.cli import eval as eval_cli
 from trl_onpolicy.eval import evaluation
 from trl_onpolicy.eval.evaluation import (
     EvalConfig,
@@ -178,7 +179,7 @@ def test_eval_cli_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "set.jsonl"
     path.write_text("\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(3)))
     out = tmp_path / "out"
-    rc = evaluation.main(
+    rc = eval_cli.main(
         ["--model_name_or_path", str(tiny_model_dir), "--sets", f"mine={path}", "facts=facts:2",
          "--max_new_tokens", "4", "--output_dir", str(out), "--num_threads", "1"]
     )
@@ -194,8 +195,41 @@ def test_eval_cli_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert recorded["model"] == model_fingerprint(str(tiny_model_dir))
     assert recorded["sets"]["mine"]["data"] == data_fingerprint(evaluation.load_eval_set(evaluation.EvalSet.from_spec(f"mine={path}")))
     path.write_text(path.read_text().replace('"answer": "2"', '"answer": "3"'))
-    assert evaluation.main(["--model_name_or_path", str(tiny_model_dir), "--sets", f"mine={path}", "facts=facts:2",
+    assert eval_cli.main(["--model_name_or_path", str(tiny_model_dir), "--sets", f"mine={path}", "facts=facts:2",
                             "--max_new_tokens", "4", "--output_dir", str(out), "--temperature", "0.5"]) == 0
     again = json.loads((out / "fingerprint.json").read_text())
     assert again["model"] == recorded["model"] and again["sets"]["facts"] == recorded["sets"]["facts"]
     assert again["sets"]["mine"]["data"] != recorded["sets"]["mine"]["data"] and again["settings"] != recorded["settings"]
+
+
+def test_eval_command_runs_cli_eval_with_the_same_flags():
+    import dataclasses
+
+    from trl_onpolicy.cli.commands import COMMANDS
+
+    assert COMMANDS["eval"][0] == "trl_onpolicy.cli.eval"
+    flags = [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+             for f in dataclasses.fields(eval_cli.EvalArguments)]
+    assert flags == [  # the flags of `trl-onpolicy eval` before its CLI moved out of trl_onpolicy.eval.evaluation
+        ("num_samples", 1), ("temperature", 0.0), ("top_p", 1.0), ("max_new_tokens", 256), ("batch_size", 8),
+        ("seed", 0), ("backend", "hf"), ("check_workers", 1), ("progress", True),
+        ("model_name_or_path", "embedded:smollm2-135m-instruct"), ("sets", ["in_domain=chain_sum:50", "facts=facts"]),
+        ("output_dir", "runs/eval"), ("dtype", "float32"), ("num_threads", None),
+    ]
+
+
+def test_encode_prompts_turns_plain_questions_into_a_user_turn_only_with_a_chat_template(tiny_tokenizer):
+    import copy
+
+    tok = tiny_tokenizer
+    question, system = "What is 2 + 3?", {"role": "system", "content": "Be brief."}
+    turn = [{"role": "user", "content": question}]
+    # independent reference: the chat template rendered to text, then tokenized without special tokens
+    want = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for m in (turn, turn, [system] + turn)]
+    assert evaluation.encode_prompts(tok, [question, turn, [system] + turn]) == want
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    assert evaluation.encode_prompts(plain, [question]) == [tok(question)["input_ids"]]
+    with pytest.raises(ValueError, match="no chat template"):
+        evaluation.encode_prompts(plain, [turn])

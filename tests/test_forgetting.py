@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 
-from trl_onpolicy.eval.evaluation import render_prompts
 from trl_onpolicy.eval.forgetting import heldout_nll, kl_to_base, sample_base_responses
 
 from conftest import word_problem_rows
@@ -32,7 +31,8 @@ def _naive_kl(base, model, tokenizer, prompts, responses):
     """Per-prompt sums of the exact KL at each response position: one unpadded sequence at a time, full logits from
     the models' own forward, float64 softmax, an explicit loop over positions."""
     out = []
-    for text, resp in zip(render_prompts(tokenizer, prompts), responses):
+    for prompt, resp in zip(prompts, responses):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         p = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([p + list(resp)])
         with torch.no_grad():

@@ -1,5 +1,6 @@
 """Hinted Decoding: the batched, KV-cached generator against the authors' per-token, no-cache algorithm."""
 
+import copy
 import math
 
 import pytest
@@ -258,7 +259,7 @@ def test_errors(tiny_tokenizer):
 
 
 def test_mixture_and_repetition_helpers_against_plain_python():
-    from trl_onpolicy.hinted.decoding import mix_log_probs, normalized_entropy, repetition_counts
+    from trl_onpolicy.hinted.sampling import hinted_entropy, mix_log_probs, repetition_counts
 
     g = torch.Generator().manual_seed(0)
     z_p, z_q = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
@@ -271,7 +272,7 @@ def test_mixture_and_repetition_helpers_against_plain_python():
     p, q = log_p[1].double().exp(), log_q[1].double().exp()
     m = p**0.7 * q**0.3
     assert torch.allclose(out[1].double(), (m / m.sum()).log(), atol=1e-6)
-    hn = normalized_entropy(log_p)
+    hn = hinted_entropy(log_p)
     probs = log_p[0].double().exp()
     ref = -sum(float(x * math.log(x)) for x in probs if x > 0) / math.log(7)
     assert torch.isfinite(hn).all() and abs(float(hn[0]) - ref) < 1e-6
@@ -414,22 +415,12 @@ def splitter_streams(tokenizer, rng):
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
-def test_splitter_watch_finds_the_same_first_step_as_a_full_decode(tiny_tokenizer, which):
+def test_splitter_watch_finds_the_same_first_step_as_a_full_decode(tiny_tokenizer, which, request):
     import random
 
     from trl_onpolicy.hinted.decoding import SplitterWatch
 
-    if which == "tiny":
-        tok = tiny_tokenizer
-    else:
-        from pathlib import Path
-
-        from transformers import AutoTokenizer
-
-        folder = Path.home() / ".cache" / "trl_onpolicy" / "SmolLM2-135M-Instruct"
-        if not (folder / "tokenizer.json").exists():
-            pytest.skip("the converted SmolLM2 folder is not cached on this machine")
-        tok = AutoTokenizer.from_pretrained(folder)
+    tok = tiny_tokenizer if which == "tiny" else request.getfixturevalue("smollm2_tokenizer")
     rng = random.Random(0)
     checked = 0
     for splitter in ("\\boxed{", "é→", "答案", " →"):
@@ -453,3 +444,54 @@ def test_decoder_uses_the_current_cache_argument(setup):
         handle.remove()
     assert all("past_key_values" not in names for names in seen)
     assert sum("cache" in names for names in seen) == 3  # the three decode steps after the prefill
+
+
+def _lm_head_shapes(model):
+    """Shapes of the LM head's outputs, one per forward (captured with a forward hook on the output embedding)."""
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    return shapes, handle
+
+
+@pytest.mark.parametrize("prefill", ["separate", "joint"])
+def test_prefill_keeps_last_position_logits_only_under_lora(setup, prefill):
+    """A PEFT model's forward takes ``**kwargs``: logits_to_keep must still reach the base model, so the prefill
+    computes [rows, 1, V] logits, never [rows, T, V]."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, hinted, plain = setup
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    shapes, handle = _lm_head_shapes(lora)
+    try:
+        out = hinted_decode(lora, tok, hinted, plain, max_new_tokens=2, temperature=0, prefill=prefill)
+    finally:
+        handle.remove()
+    b, v = len(hinted), lora.get_output_embeddings().weight.shape[0]
+    # separate: one forward of the b hinted rows, one of the b plain rows; joint: one forward of 2b rows
+    assert shapes[:2] == [(b, 1, v), (b, 1, v)] if prefill == "separate" else shapes[0] == (2 * b, 1, v)
+    assert all(s[1] == 1 for s in shapes) and len(out) == b
+    # the same tokens as the merged (plain) model, whose own forward declares logits_to_keep
+    merged = lora.merge_and_unload()
+    again = hinted_decode(merged, tok, hinted, plain, max_new_tokens=2, temperature=0, prefill=prefill)
+    assert [r.token_ids for r in out] == [r.token_ids for r in again]
+
+
+def test_prompts_longer_than_the_context_window_are_refused_up_front(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model, _ = make_tiny_model(tok)
+    model.config.max_position_embeddings = window = 64
+    h, p = encode(tok, HINTED_TEXTS[:2]), encode(tok, PLAIN_TEXTS[:2])
+    longest = max(len(x) for x in h)
+    assert max(len(x) for x in p) < longest < window
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"hinted_input_ids\[\d\] has \d+ tokens.*context window of 64 "
+                                             r"\(config.max_position_embeddings\)"):
+            hinted_decode(model, tok, h, p, max_new_tokens=window - longest + 1)
+    finally:
+        handle.remove()
+    assert calls == []  # refused before any forward
+    # exactly filling the window is fine
+    out = hinted_decode(model, tok, h, p, max_new_tokens=window - longest, eos_token_ids=[], repetition_window=None)
+    assert max(r.num_tokens for r in out) == window - longest

@@ -229,6 +229,23 @@ def test_smollm2_conversion_matches_gguf(converted_smollm2, monkeypatch, tmp_pat
     assert models.resolve_model_path(models.SMOLLM2_ALIAS) == str(tmp_path / "SmolLM2-135M-Instruct")
 
 
+@pytest.mark.slow
+def test_converted_smollm2_is_the_model_the_committed_study_records(converted_smollm2):
+    """A fresh conversion of the embedded GGUF has the content fingerprint the committed study records, whatever
+    transformers version wrote the folder: otherwise the study's 62 units read as unfinished on this machine."""
+    import hashlib
+    from pathlib import Path
+
+    from trl_onpolicy.utils.fingerprint import model_fingerprint
+
+    study = Path(__file__).resolve().parents[1] / "studies" / "smollm2_cpu"
+    recorded = json.loads((study / "config.json").read_text())["fingerprint"]["model"]
+    assert model_fingerprint(converted_smollm2) == recorded
+    # the study's note names the source by its sha256: the installed package holds that file
+    digest = hashlib.sha256(models.smollm2_gguf_file().read_bytes()).hexdigest()
+    assert f"sha256 `{digest}`" in (study / "MODEL_FINGERPRINT.md").read_text()
+
+
 def test_saved_tiny_model_reloads_the_same_tokenizer(tiny_model_dir, tiny_tokenizer):
     """A saved tiny folder goes through AutoTokenizer like a Hub model and tokenizes exactly like the in-memory one
     (an independent reload, not the object itself), chat template and special tokens included."""

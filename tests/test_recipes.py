@@ -93,23 +93,52 @@ def test_paper_recipes_carry_the_paper_settings(capsys):
     assert re.search(r"optimizer steps\s+391 \(from the split slice", out)
 
 
+# What docs/launch.md promises of each accelerate config: (distributed_type, num_processes, mixed_precision, the
+# DeepSpeed or FSDP settings that matter). GPU configs train in bf16 (the paper's setting); the CPU configs the tests
+# launch run fp32 over gloo, as MULTI_GPU/DEEPSPEED/FSDP launches (a MULTI_CPU config or `use_cpu` in the accelerate
+# config falls back to ONE process without MPI: the training recipe sets use_cpu instead).
+NO_OFFLOAD = {"offload_optimizer_device": "none", "offload_param_device": "none"}
+ACCELERATE_CONFIGS = {
+    "single_gpu": ("NO", 1, "bf16", {}),
+    "multi_gpu": ("MULTI_GPU", 8, "bf16", {}),  # DDP: every GPU holds the full model and optimizer
+    # ZeRO-2: optimizer state and gradients sharded, nothing offloaded
+    "zero2": ("DEEPSPEED", 8, "bf16", {"zero_stage": 2, **NO_OFFLOAD}),
+    # ZeRO-3: parameters sharded too; save_model must gather them into one 16-bit model (else no usable weights)
+    "zero3": ("DEEPSPEED", 8, "bf16", {"zero_stage": 3, "zero3_save_16bit_model": True, **NO_OFFLOAD}),
+    # ZeRO-3 with parameters and optimizer state in host memory
+    "zero3_offload": ("DEEPSPEED", 8, "bf16", {"zero_stage": 3, "zero3_save_16bit_model": True,
+                                               "offload_optimizer_device": "cpu", "offload_param_device": "cpu"}),
+    # FSDP2: FSDP's activation checkpointing replaces the recipe's gradient checkpointing (launched with
+    # --gradient_checkpointing false); a full state dict, so save_model writes one model
+    "fsdp2": ("FSDP", 8, "bf16", {"fsdp_version": 2, "fsdp_activation_checkpointing": True,
+                                  "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_offload_params": False}),
+    "cpu_ddp_2proc": ("MULTI_GPU", 2, "no", {}),
+    "cpu_zero2_2proc": ("DEEPSPEED", 2, "no", {"zero_stage": 2, **NO_OFFLOAD}),
+    "cpu_zero3_2proc": ("DEEPSPEED", 2, "no", {"zero_stage": 3, "zero3_save_16bit_model": True, **NO_OFFLOAD}),
+    "cpu_fsdp2_2proc": ("FSDP", 2, "no", {"fsdp_version": 2, "fsdp_activation_checkpointing": True,
+                                          "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_offload_params": False}),
+}
+
+
 def test_accelerate_configs():
-    expected = {
-        "single_gpu": ("NO", 1), "multi_gpu": ("MULTI_GPU", 8), "zero2": ("DEEPSPEED", 8), "zero3": ("DEEPSPEED", 8),
-        "zero3_offload": ("DEEPSPEED", 8), "fsdp2": ("FSDP", 8), "cpu_ddp_2proc": ("MULTI_GPU", 2),
-        "cpu_zero2_2proc": ("DEEPSPEED", 2), "cpu_zero3_2proc": ("DEEPSPEED", 2),
-    }
+    """Each shipped accelerate config, read by accelerate itself, has the settings docs/launch.md describes."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    for name, (kind, procs) in expected.items():
+    assert {p.stem for p in (RECIPES / "accelerate").glob("*.yaml")} == set(ACCELERATE_CONFIGS)
+    launch = (ROOT / "docs" / "launch.md").read_text()
+    value = lambda x: str(getattr(x, "value", x))  # noqa: E731 (accelerate enums or plain strings)
+    for name, (kind, procs, precision, plugin) in ACCELERATE_CONFIGS.items():
         cfg = load_config_from_file(str(RECIPES / "accelerate" / f"{name}.yaml"))
-        assert (str(getattr(cfg.distributed_type, 'value', cfg.distributed_type)), cfg.num_processes) == (kind, procs), name
-        if kind == "DEEPSPEED":
-            assert cfg.deepspeed_config["zero_stage"] == int(re.search(r"zero(\d)", name).group(1))
-        if name.startswith("cpu_"):
-            assert str(getattr(cfg.mixed_precision, "value", cfg.mixed_precision)) == "no"
-    off = load_config_from_file(str(RECIPES / "accelerate" / "zero3_offload.yaml")).deepspeed_config
-    assert off["offload_param_device"] == off["offload_optimizer_device"] == "cpu"
+        got = (value(cfg.distributed_type), cfg.num_processes, value(cfg.mixed_precision), bool(cfg.use_cpu))
+        assert got == (kind, procs, precision, False), name
+        settings = cfg.deepspeed_config if kind == "DEEPSPEED" else cfg.fsdp_config if kind == "FSDP" else {}
+        assert {k: settings.get(k) for k in plugin} == plugin, name
+        if kind not in ("DEEPSPEED", "FSDP"):
+            assert not cfg.deepspeed_config and not cfg.fsdp_config, name
+        if name != "cpu_fsdp2_2proc":  # every other config has its launch line in docs/launch.md
+            assert f"--config_file recipes/accelerate/{name}.yaml" in launch, name
+    # the FSDP launch line turns the recipe's own gradient checkpointing off, as the config's comment asks
+    assert re.search(r"fsdp2\.yaml scripts/train\.py [^\n]*\\\n\s*--gradient_checkpointing false", launch)
 
 
 def test_readme_lists_every_recipe_with_a_launch_line():
@@ -121,6 +150,65 @@ def test_readme_lists_every_recipe_with_a_launch_line():
         assert any(("accelerate launch" in line or "trl-onpolicy" in line) for line in lines), rel
     for cfg in (RECIPES / "accelerate").glob("*.yaml"):
         assert f"recipes/accelerate/{cfg.name}" in readme
+
+
+# every place that names a module, an attribute or a file of the package: the docs (docs/architecture.md lists the
+# old paths on purpose), recipes/README.md and the recipes' comments
+DOCS_WITH_PATHS = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "architecture.md") + [
+    ROOT / "README.md", RECIPES / "README.md", *sorted(RECIPES.glob("*/*.yaml"))]
+
+
+def _resolves(dotted: str) -> str | None:
+    """Why ``dotted`` (``trl_onpolicy.x.y.attr``) does not name a module or attribute at its current place, or None."""
+    import importlib
+    import warnings
+
+    from trl_onpolicy._moved import MOVED
+
+    parts = dotted.split(".")
+    for i in range(1, len(parts) + 1):
+        if ".".join(parts[:i]) in MOVED:
+            return f"{'.'.join(parts[:i])} moved to {MOVED['.'.join(parts[:i])]}"
+    for i in range(len(parts), 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DeprecationWarning)
+                obj = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        except DeprecationWarning as warning:  # a deprecated alias of the package itself
+            return str(warning)
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return f"{module} has no {'.'.join(parts[i:])}"
+            obj = getattr(obj, name)
+        return None
+    return "no such module"
+
+
+def test_docs_name_modules_and_files_that_exist():
+    """Module paths (``trl_onpolicy.eval.answers.grade_response``), file paths (``trl_onpolicy/hinted/realign.py``) and
+    ``-m`` launches in the docs name what exists now, not the flat layout's old paths (which only warn)."""
+    import importlib.util
+
+    dotted = re.compile(r"trl_onpolicy(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+    path = re.compile(r"(?<![~/.\w])trl_onpolicy/[A-Za-z0-9_./-]*[A-Za-z0-9_/]")
+    launched = re.compile(r"-m (trl_onpolicy[A-Za-z0-9_.]*)")
+    stale = []
+    for doc in DOCS_WITH_PATHS:
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            where = f"{doc.relative_to(ROOT)}:{number}"
+            stale += [(where, ref, why) for ref in dotted.findall(line) if (why := _resolves(ref.rstrip(".")))]
+            stale += [(where, ref, "no such file") for ref in path.findall(line) if not (ROOT / ref).exists()]
+            for module in launched.findall(line):
+                spec = importlib.util.find_spec(module)
+                runnable = spec is not None and (spec.submodule_search_locations is None
+                                                 or importlib.util.find_spec(module + ".__main__") is not None)
+                if not runnable:
+                    stale.append((where, f"-m {module}", "cannot be run with python -m"))
+    assert not stale, stale
+    assert len(DOCS_WITH_PATHS) > 10  # the docs were found
 
 
 # ------------------------------------------------------------------------------------------- errors name the key

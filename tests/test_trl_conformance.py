@@ -8,9 +8,13 @@ conversational, prompt-completion, text with a formatting function, pre-tokenize
 PEFT, assistant-only loss, evaluation with one or several eval sets, `TrainingArguments` conversion, positional
 arguments, model card tags); the reference each time is SFTTrainer itself, never our own output. No training beyond
 what a behaviour needs.
+
+The other token losses: DFT, and IDFT where its gamma is 1, against TRL's own ``loss_type="dft"``; IDFT and EAFT (which
+TRL lacks) against a naive float64 recomputation from full logits, loss and gradient.
 """
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -256,3 +260,112 @@ def test_model_card_of_online_training_is_tagged(tiny_tokenizer, tmp_path):
     trainer.create_model_card(model_name="tiny-online")
     card = (out / "README.md").read_text()
     assert "- hinted-decoding\n" in card and "- idft\n" in card and "@article{zhang2026onpolicysft" in card
+
+
+# ------------------------------------------------------------------- the other token losses against references
+
+
+@pytest.mark.parametrize("setting", [dict(token_loss="dft"),
+                                     dict(token_loss="idft", idft_gamma_min=1.0, idft_gamma_max=1.0),
+                                     dict(token_loss="idft", idft_warmup_ratio=1.0)],
+                         ids=["dft", "idft-gamma-pinned-to-1", "idft-in-warmup"])
+@pytest.mark.parametrize("rows", ["prompt-completion", "messages"])
+def test_dft_and_idft_at_gamma_1_match_trl_dft(tiny_tokenizer, tmp_path, setting, rows):
+    """TRL's own DFT (``SFTConfig(loss_type="dft")``: loss -sg(p) log p) is an independent reference for our DFT and for
+    IDFT whenever gamma is 1 (both clamps at 1, or the schedule still in its warm-up, lambda = 0)."""
+    data = arithmetic_examples(6) if rows == "prompt-completion" else messages_rows()
+    trainers = []
+    for cls, args in ((SFTTrainer, SFTConfig(output_dir=str(tmp_path / "sft"), loss_type="dft", **BASE)),
+                      (IDFTTrainer, IDFTConfig(output_dir=str(tmp_path / "idft"), **BASE, **setting))):
+        model, _ = make_tiny_model(tiny_tokenizer)  # the same weights for both (fixed seed)
+        trainers.append(cls(model, args=args, train_dataset=Dataset.from_list(data), processing_class=tiny_tokenizer))
+    sft, idft = trainers
+    idft.state.max_steps, idft.state.global_step = 4, 0  # a known schedule position: progress 0
+    if setting.get("idft_warmup_ratio"):
+        assert idft.idft_lambda() == 0.0
+    a, b = first_batch(sft), first_batch(idft)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert batch_loss(idft, b) == pytest.approx(batch_loss(sft, a), rel=1e-6)
+
+
+def _float64_token_loss(tokenizer, model, batch, setting: dict, lam: float):
+    """The loss of ``setting`` recomputed naively in float64 from full logits: per target token log p, entropy H,
+    phi = log p + H, and the weight of the token loss (no fused head, no tiling, no helper of the package). The
+    reference is a fresh model holding ``model``'s weights (the trainer patches its own model's forward)."""
+    ref, _ = make_tiny_model(tokenizer)
+    ref.load_state_dict(model.state_dict())
+    ref.double().train()
+    logits = ref(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    logp = log_softmax.gather(-1, targets.clamp(min=0)[..., None])[..., 0][mask]
+    probs = log_softmax.exp()
+    entropy = -(probs * log_softmax).sum(-1)[mask]
+    kind = setting["token_loss"]
+    if kind == "idft":
+        phi = (logp + entropy).detach()
+        g = torch.exp(-phi / setting.get("idft_beta", 1.0)).clamp(setting.get("idft_gamma_min", 0.1),
+                                                                  setting.get("idft_gamma_max", 2.0))
+        gamma = 1.0 + lam * (g - 1.0)
+        weight = torch.exp(gamma * logp)  # p ** gamma
+        if setting.get("idft_detach", "weight") == "weight":
+            weight = weight.detach()
+        stats = {"gamma": g}
+    else:  # eaft: entropy over the whole vocabulary or over the k largest logits, over the log of the class count
+        if setting.get("eaft_entropy") == "full":
+            h, classes = entropy, logits.shape[-1]
+        else:
+            k = setting["eaft_top_k"]
+            top = torch.log_softmax(logits.topk(k, dim=-1).values, dim=-1)
+            h, classes = -(top.exp() * top).sum(-1)[mask], k
+        weight = (h / math.log(classes)).detach()
+        stats = {}
+    loss = -(weight * logp).sum() / mask.sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    return loss.item(), grads, stats
+
+
+FIT_STEPS = 8
+
+
+@pytest.mark.parametrize("setting, progress", [
+    (dict(token_loss="idft", idft_beta=0.3), (0, 4)),
+    (dict(token_loss="idft", idft_beta=0.5, idft_gamma_min=0.5, idft_gamma_max=1.5, idft_transition_ratio=0.5), (1, 4)),
+    (dict(token_loss="idft", idft_beta=0.3, idft_detach="gamma"), (0, 4)),
+    (dict(token_loss="eaft", eaft_entropy="full"), (0, 4)),
+    (dict(token_loss="eaft", eaft_entropy="topk", eaft_top_k=5), (0, 4)),
+], ids=["idft", "idft-mid-schedule", "idft-detach-gamma", "eaft-full", "eaft-top5"])
+def test_idft_and_eaft_match_a_float64_recomputation(tiny_tokenizer, tmp_path, setting, progress):
+    """IDFT and EAFT (no TRL reference exists): the trainer's loss and its gradient, from the fused LM head in float32,
+    equal a naive float64 recomputation from full logits. The model first half-learns the batch (plain NLL steps), so
+    that phi spreads to both sides of 0 and IDFT's clamps bind at both ends."""
+    model, _ = make_tiny_model(tiny_tokenizer)
+    args = IDFTConfig(output_dir=str(tmp_path / "run"), **{**BASE, **setting})
+    trainer = IDFTTrainer(model, args=args, train_dataset=Dataset.from_list(arithmetic_examples(6)),
+                          processing_class=tiny_tokenizer)
+    trainer.state.global_step, trainer.state.max_steps = progress
+    lam = trainer.idft_lambda() if setting["token_loss"] == "idft" else 1.0
+    if "idft_transition_ratio" in setting:
+        assert lam == 0.5  # progress 1/4 over a transition of half the run
+    batch = first_batch(trainer, n=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(FIT_STEPS):
+        optimizer.zero_grad()
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+        optimizer.step()
+    expected, expected_grads, stats = _float64_token_loss(tiny_tokenizer, trainer.model, batch, setting, lam)
+    if setting["token_loss"] == "idft":  # the clamps are reached on both sides: the test covers them
+        assert (stats["gamma"] == setting.get("idft_gamma_max", 2.0)).any()
+        assert (stats["gamma"] == setting.get("idft_gamma_min", 0.1)).any()
+
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.double(), expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trl_onpolicy.ddt import scoring as ddt
+from trl_onpolicy import ddt
 from trl_onpolicy.utils import distributed
+from trl_onpolicy.utils.errors import work_started
 from trl_onpolicy.utils.fingerprint import changed_keys, data_fingerprint, model_fingerprint
 from trl_onpolicy.utils.validation import COUNT, OPTIONAL_COUNT, POSITIVE, Range, check_fields, check_output_path
 from trl_onpolicy.utils.io import atomic_write_bytes, write_json_atomic
@@ -238,7 +239,7 @@ def _cache_fingerprint(args: DDTArguments, model_args, dataset, model, model_pat
     weights = model_fingerprint(model_path) if model_path and Path(model_path).is_dir() else model_fingerprint(model)
     settings = {k: getattr(args, k) for k in _CACHE_SETTINGS}
     settings.update(dtype=str(model_args.dtype), num_rows=len(dataset))
-    return {"data": data_fingerprint(dataset), "model": weights, "settings": ddt._json_safe(settings)}
+    return {"data": data_fingerprint(dataset), "model": weights, "settings": ddt.json_safe(settings)}
 
 
 def _open_cache(out: Path, fingerprint: dict) -> Path:
@@ -357,6 +358,7 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
                               dataset_text_field=args.dataset_text_field)
     fingerprint = _cache_fingerprint(args, model_args, dataset, model, model_path)
     cache = _open_cache(out, fingerprint)
+    work_started()  # input and model checked: a later error is a failed run (traceback, exit 1), not bad input
     n_chunks = math.ceil(len(dataset) / args.resume_chunk_rows)
 
     def score_chunk(k, start, end):
@@ -404,7 +406,7 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
 
     if distributed.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(ddt._json_safe(summary), indent=2) + "\n")
+        (out / "summary.json").write_text(json.dumps(ddt.json_safe(summary), indent=2) + "\n")
         result.write_samples(out / "samples.jsonl")
         if own is not None:
             own.write_samples(out / "self_samples.jsonl")
@@ -455,6 +457,7 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
     if samples is None:
         if model is None:
             model, tokenizer = load_model(model_args, _device(args.device))
+        work_started()  # input and model checked: a later error is a failed run (traceback, exit 1), not bad input
         samples = _score(model, tokenizer, dataset, args, "DDT scoring").samples
     filtered, report = ddt.filter_dataset(
         dataset, samples, by=args.filter_by, min_value=args.min_value, max_value=args.max_value,
@@ -464,7 +467,7 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
     if distributed.is_main_process():
         save_dataset_like(filtered, target)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "filter_report.json").write_text(json.dumps(ddt._json_safe(report), indent=2) + "\n")
+        (Path(args.output_dir) / "filter_report.json").write_text(json.dumps(ddt.json_safe(report), indent=2) + "\n")
         bounds = f"[{args.min_value}, {args.max_value}]"
         print(f"ddt-filter: {report['kept']} kept, {report['dropped']} dropped ({report['dropped_unscored']} unscored) "
               f"of {report['num_rows']} rows by {args.filter_by} {'outside' if args.invert else 'in'} {bounds}; "

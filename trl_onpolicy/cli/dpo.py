@@ -18,7 +18,8 @@ from trl import DPOConfig
 
 from trl_onpolicy.utils.device import default_bf16_for_machine
 from trl_onpolicy.utils.validation import check_training_arguments
-from trl_onpolicy.cli.recipe import PREFERENCE_COLUMNS, make_parser, model_init_kwargs, prepare_recipe, run_recipe
+from trl_onpolicy.cli.loading import PREFERENCE_COLUMNS, model_init_kwargs
+from trl_onpolicy.cli.recipe import make_parser, prepare_recipe, run_recipe
 
 PROG = "trl-onpolicy dpo"
 

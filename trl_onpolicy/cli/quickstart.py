@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     from trl_onpolicy.trainer.idft_config import IDFTConfig
     from trl_onpolicy.trainer.idft_trainer import IDFTTrainer
     from trl_onpolicy.utils.models import resolve_model_path
-    from trl_onpolicy.cli.recipe import last_complete_checkpoint, report_dropped_rows
+    from trl_onpolicy.cli.checkpoints import last_complete_checkpoint
+    from trl_onpolicy.cli.recipe import report_dropped_rows
+    from trl_onpolicy.utils.errors import work_started
 
     model_path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer = IDFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     report_dropped_rows(trainer, dataset)  # rows whose prompt fills max_length: counted; none left is an error
+    work_started()  # the input is checked: an error from here on is a failed run (traceback, exit 1), not bad input
 
     resume = last_complete_checkpoint(args.output_dir)  # a checkpoint cut short by an interruption is skipped
     print(

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from trl_onpolicy.cli.recipe import SFT_COLUMNS, RecipeError, make_parser, model_init_kwargs, prepare_recipe, prepare_sft_dataset, run_recipe
+from trl_onpolicy.cli.loading import SFT_COLUMNS, model_init_kwargs, prepare_sft_dataset
+from trl_onpolicy.cli.recipe import make_parser, prepare_recipe, run_recipe
+from trl_onpolicy.utils.errors import RecipeError
 
 PROG = "trl-onpolicy train"
 

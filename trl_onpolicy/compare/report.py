@@ -16,41 +16,27 @@ Input: the per-unit results (one per method x learning rate x seed, as `Comparis
 - ``results.md`` (tables), ``results.json`` (everything), ``frontier.png`` (in-domain gain against KL to base, one point
   per learning rate with seed intervals on both axes; retention change against in-domain gain) and
   ``compare_accuracy.png`` (accuracy per set and group).
+
+A unit stored under another configuration (``"stale"``: what changed, e.g. ``["model"]``) is reported as recorded and
+marked wherever it appears; the library versions each unit records are listed, with the units that differ.
 """
 
 from __future__ import annotations
 
-import math
+import io
 import sys
 from pathlib import Path
 from typing import Any
-from trl_onpolicy.utils.io import atomic_write_text, write_json_atomic
 
-# two-sided 95% Student-t quantiles t_{0.975, df}; above 30 degrees of freedom the normal value is within 2%
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
-        21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
-Z95 = 1.959963984540054
+from trl_onpolicy.compare.fmt import _rate, _row, _stat, _val
+from trl_onpolicy.compare.selection import _best, _sft_groups, section, selected_on_dev
+from trl_onpolicy.compare.stats import t_interval
+from trl_onpolicy.utils.io import atomic_write_bytes, atomic_write_text, write_json_atomic
 
 # metrics aggregated over seeds and (the first group) paired against SFT
 PAIRED = ("in_domain_acc", "retention_acc", "ood_acc", "kl_in_domain", "kl_general", "heldout_nll")
 AGGREGATED = PAIRED + ("in_domain_gain", "retention_change", "ood_change", "nll_change", "steps", "tokens_trained",
                        "train_seconds", "wall_seconds")
-
-
-def t_interval(values) -> dict | None:
-    """Mean and 95% Student-t interval of independent replicates (``None`` values skipped); ``ci_low``/``ci_high``
-    are None with fewer than two values."""
-    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    n = len(xs)
-    if n == 0:
-        return None
-    mean = sum(xs) / n
-    if n == 1:
-        return {"mean": mean, "ci_low": None, "ci_high": None, "n": 1, "sd": None}
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = T975.get(n - 1, Z95) * sd / math.sqrt(n)
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n, "sd": sd}
 
 
 def _mean(xs):
@@ -78,6 +64,8 @@ def unit_scalars(r: dict, sets, base: dict | None) -> dict:
         out[f"{key}_ci"] = (m.get("ci_low"), m.get("ci_high")) if isinstance(m, dict) else None
     for key in ("steps", "tokens_trained", "train_seconds", "wall_seconds", "peak_rss_mib"):
         out[key] = r.get(key)
+    if r.get("dev_eval"):  # the DEV split (data.dev_n): chooses each method's learning rate
+        out["dev_acc"] = r["dev_eval"].get("accuracy")
     for key, (a, b) in {"in_domain_gain": ("in_domain_acc",) * 2, "retention_change": ("retention_acc",) * 2,
                         "ood_change": ("ood_acc",) * 2, "nll_change": ("heldout_nll",) * 2}.items():
         out[key] = out[a] - base[b] if base is not None and out[a] is not None and base.get(b) is not None else None
@@ -109,10 +97,11 @@ def aggregate(results: dict, sets, contrasts=()) -> dict:
     for key, r in results.items():
         gkey = (r.get("label"), r.get("learning_rate"))
         g = groups.setdefault(gkey, {"label": r.get("label"), "method": r.get("method"), "learning_rate": r.get("learning_rate"),
-                                     "seeds": [], "per_seed": {}, "failed": [], "args": r.get("args")})
+                                     "seeds": [], "per_seed": {}, "failed": [], "args": r.get("args"), "stale": 0})
         g["seeds"].append(r.get("seed"))
+        g["stale"] += bool(r.get("stale"))
         summary = {k: r.get(k) for k in ("key", "label", "method", "learning_rate", "seed", "status", "error", "corpus",
-                                         "num_train_samples")}
+                                         "num_train_samples", "stale", "versions")}
         if r.get("status") == "ok":
             scalars = unit_scalars(r, sets, base_for(r.get("seed")))
             summary.update(scalars)
@@ -128,22 +117,12 @@ def aggregate(results: dict, sets, contrasts=()) -> dict:
     for g in groups.values():
         per = list(g["per_seed"].values())
         g["metrics"] = {m: t_interval([p.get(m) for p in per]) for m in AGGREGATED}
+        if any("dev_acc" in p for p in per):
+            g["metrics"]["dev_acc"] = t_interval([p.get("dev_acc") for p in per])
         g["set_metrics"] = {name: t_interval([p["sets"][name]["accuracy"] for p in per if name in p["sets"]]) for name in set_keys}
     ordered = list(groups.values())
     return {"units": units, "groups": ordered, "paired": paired_vs_sft(ordered), "best_vs_best": best_vs_best(ordered),
             "contrasts": contrast_rows(ordered, contrasts)}
-
-
-def _best(groups: list[dict]) -> dict | None:
-    def score(g):
-        for m in ("in_domain_gain", "in_domain_acc"):
-            stat = g["metrics"].get(m)
-            if stat is not None:
-                return stat["mean"]
-        return -math.inf
-
-    finished = [g for g in groups if g["per_seed"]]
-    return max(finished, key=score) if finished else None
 
 
 def _paired(g: dict, ref: dict) -> tuple[list, dict]:
@@ -155,10 +134,6 @@ def _paired(g: dict, ref: dict) -> tuple[list, dict]:
                   if g["per_seed"][s].get(m) is not None and ref["per_seed"][s].get(m) is not None]
         diffs[m] = t_interval(values)
     return seeds, diffs
-
-
-def _sft_groups(groups: list[dict]) -> list[dict]:
-    return [g for g in groups if g["method"] == "sft" and g["label"] == "sft"] or [g for g in groups if g["method"] == "sft"]
 
 
 def paired_vs_sft(groups: list[dict]) -> list[dict]:
@@ -221,40 +196,62 @@ def best_vs_best(groups: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _rate(lr) -> str:
-    if lr is None:
-        return "–"
-    mantissa, exponent = f"{lr:.3e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+def stale_text(changed) -> str:
+    """``["model"]`` -> "model changed"; a result without a fingerprint -> "no fingerprint"."""
+    return "no fingerprint" if list(changed) == ["fingerprint"] else f"{', '.join(changed)} changed"
 
 
-def _stat(stat: dict | None, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
-    """``mean [low, high]`` (or the mean alone with one seed), scaled (100 = percent / points)."""
-    if stat is None:
-        return "–"
-    f = (lambda x: f"{scale * x:+.{digits}f}") if signed else (lambda x: f"{scale * x:.{digits}f}")
-    if stat.get("ci_low") is None:
-        return f(stat["mean"])
-    return f"{f(stat['mean'])} [{f(stat['ci_low'])}, {f(stat['ci_high'])}]"
+def _seeds_ok(g: dict) -> str:
+    return f"{len(g['per_seed'])}/{len(g['seeds'])}" + (f" ({g['stale']} stale)" if g.get("stale") else "")
 
 
-def _val(x, scale=1.0, digits=3, signed=False) -> str:
-    if x is None:
-        return "–"
-    return f"{scale * x:+.{digits}f}" if signed else f"{scale * x:.{digits}f}"
+def version_table(units: dict) -> dict[str, dict[str, list[str]]]:
+    """``{library: {version: [unit keys]}}`` over the units that record versions (``"unknown"``: a unit that records
+    none, written before versions were recorded; it is not counted as a difference)."""
+    table: dict[str, dict[str, list[str]]] = {}
+    for key, u in units.items():
+        for lib, version in (u.get("versions") or {}).items():
+            table.setdefault(lib, {}).setdefault(str(version), []).append(key)
+    return table
 
 
-def _row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+def version_lines(units: dict) -> list[str]:
+    table = version_table(units)
+    if not table:
+        return []
+    unknown = sum(not u.get("versions") for u in units.values())
+    note = f" {unknown} unit(s) record no versions (written by an older compare): unknown, not a difference." if unknown else ""
+    differ = {lib: v for lib, v in table.items() if len(v) > 1}
+    same = ", ".join(f"{lib} {next(iter(v))}" for lib, v in table.items() if len(v) == 1)
+    if not differ:
+        return [f"Library versions (every unit that records them): {same}.{note}", ""]
+    lines = [f"**Library versions differ across units** (numbers may not rebuild exactly on one machine).{note}"
+             + (f" Shared: {same}." if same else ""), "", _row(["library", "version", "units"]), "|---|---|---|"]
+    for lib, versions in differ.items():
+        for version, keys in versions.items():
+            shown = ", ".join(f"`{k}`" for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            lines.append(_row([lib, version, f"{len(keys)}: {shown}"]))
+    return lines + [""]
 
 
-def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str | None = None) -> str:
+def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str | None = None,
+                     extra: list[str] | None = None) -> str:
+    """The report's markdown; ``extra``: lines placed after the frontier summary (e.g. the DEV-split selection)."""
     groups, units, paired = agg["groups"], agg["units"], agg["paired"]
     n_ok = sum(u["status"] == "ok" for u in units.values())
     lines = [f"# {title or 'Method comparison'}", ""]
     if sweep_note:
         lines += [sweep_note, ""]
     lines += [f"Units finished: {n_ok} of {len(units)}.", ""]
+    stale = {k: u["stale"] for k, u in units.items() if u.get("stale")}
+    if stale:
+        counts: dict[str, int] = {}
+        for changed in stale.values():
+            counts[stale_text(changed)] = counts.get(stale_text(changed), 0) + 1
+        lines += [f"**{len(stale)} of {len(units)} units were produced under a different configuration than this "
+                  f"recipe's** ({', '.join(f'{what}: {n}' for what, n in counts.items())}). Their numbers are shown as "
+                  "recorded, marked in the per-unit table and counted as stale in the group rows; run compare without "
+                  "--report_only to recompute them.", ""]
 
     lines += ["## Frontier summary (mean over seeds [95% t-interval over seeds])", ""]
     head = ["method", "lr", "seeds ok", "in-domain acc %", "in-domain gain vs base (pts)", "retention Δ vs base (pts)",
@@ -262,8 +259,7 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
     lines += [_row(head), "|" + "---|" * len(head)]
     for g in groups:
         m = g["metrics"]
-        lines.append(_row([g["label"], _rate(g["learning_rate"]), f"{len(g['per_seed'])}/{len(g['seeds'])}",
-                           _stat(m["in_domain_acc"]), _stat(m["in_domain_gain"], signed=True),
+        lines.append(_row([g["label"], _rate(g["learning_rate"]), _seeds_ok(g), _stat(m["in_domain_acc"]), _stat(m["in_domain_gain"], signed=True),
                            _stat(m["retention_change"], signed=True), _stat(m["kl_in_domain"], 1, 4),
                            _stat(m["kl_general"], 1, 4), _stat(m["heldout_nll"], 1, 3),
                            _stat(m["train_seconds"], 1, 0)]))
@@ -273,14 +269,17 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
         b = _best([g for g in groups if g["label"] == label])
         if b is not None:
             best.append(f"{label} {_rate(b['learning_rate'])}")
+    dev = selected_on_dev(groups)
     if best:
-        lines += ["Best learning rate per method (highest mean in-domain gain over its seeds): " + ", ".join(best) + ".", ""]
+        rule = "highest mean DEV-split accuracy over its seeds" if dev else "highest mean in-domain gain over its seeds"
+        lines += [f"Best learning rate per method ({rule}): " + ", ".join(best) + ".", ""]
+    lines += extra or []
 
     lines += ["## Accuracy per set (mean over seeds [95% t-interval over seeds])", ""]
     head = ["method", "lr", "seeds ok"] + [f"{s.name} ({s.role}) %" for s in sets]
     lines += [_row(head), "|" + "---|" * len(head)]
     for g in groups:
-        lines.append(_row([g["label"], _rate(g["learning_rate"]), f"{len(g['per_seed'])}/{len(g['seeds'])}"]
+        lines.append(_row([g["label"], _rate(g["learning_rate"]), _seeds_ok(g)]
                           + [_stat(g["set_metrics"].get(s.name)) for s in sets]))
     lines.append("")
 
@@ -298,8 +297,11 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
 
     if agg.get("best_vs_best"):
         lines += ["## Each method at its best rate vs SFT at its best rate (method − SFT, paired on seed; mean [95% t-interval])",
-                  "", "Each side's best rate is the one with the highest mean in-domain gain on this same evaluation, so both "
-                  "are optimistic alike. An interval that excludes 0 is an ordering that holds across seeds at this scale.", ""]
+                  "", ("Each side's best rate is the one with the highest mean accuracy on the DEV split (held-out problems, "
+                       "not these test sets). A t-interval over 3 seeds that has zero width is no evidence of an ordering; "
+                       "the item-level paired bootstrap above is the test." if dev else
+                       "Each side's best rate is the one with the highest mean in-domain gain on this same evaluation, so both "
+                       "are optimistic alike. An interval that excludes 0 is an ordering that holds across seeds at this scale."), ""]
         lines += diff_rows(agg["best_vs_best"], "SFT lr", lambda p: _rate(p["sft_learning_rate"]))
     if agg.get("contrasts"):
         lines += ["## Contrasts (a − b on the same seed and learning rate; mean [95% t-interval])", "",
@@ -315,7 +317,7 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
                                                                    "train phi", "steps", "tokens", "train s", "wall s", "peak RSS MiB"]
     lines += [_row(head), "|" + "---|" * len(head)]
     for key, u in units.items():
-        cells = [key, u["status"]]
+        cells = [key, u["status"] + (f" ({stale_text(u['stale'])})" if u.get("stale") else "")]
         for s in sets:
             m = (u.get("sets") or {}).get(s.name)
             cells.append(f"{100 * m['accuracy']:.1f} [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]" if m else "–")
@@ -338,6 +340,7 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
     if hinted:
         keys = ("num_samples", "num_kept", "accuracy", "fallback", "num_realigned_used", "num_reference_used")
         lines += ["Hinted-Decoding corpus: " + ", ".join(f"{k}={hinted.get(k)}" for k in keys if k in hinted), ""]
+    lines += version_lines(units)
     lines += [
         "Accuracy: greedy pass@1 per unit with a Wilson 95% interval over problems (avg@k: normal interval over "
         "per-prompt scores); group rows average the seeds, with a Student-t 95% interval over seeds (none with one "
@@ -420,7 +423,7 @@ def plot_frontier(agg: dict, path: str | Path, title: str | None = None) -> bool
     axes[1].set_title("retention vs learning")
     fig.suptitle(title or "Method comparison: learning-rate frontier (95% intervals over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return True
 
@@ -460,7 +463,7 @@ def plot_accuracy(agg: dict, sets, path: str | Path, title: str | None = None) -
     ax.set_title(title or "Method comparison")
     ax.legend(fontsize=7, ncol=min(len(groups), 4))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return True
 
@@ -472,7 +475,10 @@ def plot_accuracy(agg: dict, sets, path: str | Path, title: str | None = None) -
 
 def write_report(results: dict, cfg, out: Path, config: dict, plots: bool = True) -> dict:
     """Aggregate ``results`` and write results.json, results.md and (with ``plots``) frontier.png and
-    compare_accuracy.png into ``out``; returns the results.json payload."""
+    compare_accuracy.png into ``out``; returns the results.json payload. A study with a DEV split or per-problem
+    scores gets `trl_onpolicy.compare.selection.section` too (under ``"selection"`` in results.json). Every file is replaced atomically (a
+    temporary file of its own, then a rename), so processes sharing ``out`` never see or leave half a report. An
+    existing report is never replaced by an empty one (no unit stored at all): the payload is returned unwritten."""
 
     agg = aggregate(results, cfg.eval_sets, getattr(cfg, "contrasts", ()))
     seeds = sorted({u["seed"] for u in agg["units"].values() if u.get("seed") is not None})
@@ -481,9 +487,17 @@ def write_report(results: dict, cfg, out: Path, config: dict, plots: bool = True
             f"{[_rate(r) for r in rates]} (per-method grids in the config); budget {cfg.budget.max_steps} steps x "
             f"{cfg.budget.per_device_train_batch_size * cfg.budget.gradient_accumulation_steps} samples.")
     payload = {"config": config, "units": agg["units"], "groups": agg["groups"], "paired": agg["paired"],
-               "best_vs_best": agg["best_vs_best"], "contrasts": agg["contrasts"]}
+               "best_vs_best": agg["best_vs_best"], "contrasts": agg["contrasts"],
+               "versions": version_table(agg["units"])}
+    extra = section(agg, results, cfg)
+    if extra is not None:
+        payload["selection"] = extra[1]
+    if not results and ((out / "results.md").is_file() or (out / "results.json").is_file()):
+        print(f"[compare] no unit is stored under {out}: the existing report is kept, not replaced by an empty one",
+              file=sys.stderr)
+        return payload
     write_json_atomic(out / "results.json", payload)
-    md = results_markdown(agg, cfg.eval_sets, cfg.title, note)
+    md = results_markdown(agg, cfg.eval_sets, cfg.title, note, extra[0] if extra is not None else None)
     drawn = []
     for name, fn in (("frontier.png", lambda p: plot_frontier(agg, p, cfg.title)),
                      ("compare_accuracy.png", lambda p: plot_accuracy(agg, cfg.eval_sets, p, cfg.title))):
@@ -492,7 +506,9 @@ def write_report(results: dict, cfg, out: Path, config: dict, plots: bool = True
                 drawn.append(name)  # the previous plot stays until the final report redraws it
             continue
         try:
-            if fn(out / name):
+            image = io.BytesIO()
+            if fn(image):
+                atomic_write_bytes(out / name, image.getvalue())
                 drawn.append(name)
         except Exception as err:  # a missing plotting backend must not lose the numbers
             print(f"[compare] plot {name} skipped: {err}", file=sys.stderr)

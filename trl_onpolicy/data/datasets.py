@@ -218,6 +218,7 @@ def math_word_problems(
     system_prompt: str | None = None,
     answer_format: str = "gsm",
     format_instruction: bool = False,
+    prompt_template: str = "{question}",
     test_fraction: float = 0.2,
     max_solution_chars: int | None = None,
     **task_kwargs,
@@ -240,6 +241,7 @@ def math_word_problems(
         answer_format: ``"gsm"`` (last line ``#### N``) or ``"boxed"`` (``\\boxed{N}``).
         format_instruction: append an instruction on the answer format to the question (useful to evaluate a model
             that has not been trained on the format).
+        prompt_template: format string with ``{question}`` giving the user turn (after the format instruction).
         test_fraction: share of the question space that belongs to the test split.
         max_solution_chars: skip problems whose worked solution is longer (keeps CPU runs short).
         **task_kwargs: passed to the reasoning-gym config of the task (e.g. ``min_terms=2, max_digits=2``).
@@ -287,6 +289,7 @@ def math_word_problems(
             if max_solution_chars is not None and len(solution) > max_solution_chars:
                 continue
             user = f"{question}\n\n{FORMAT_INSTRUCTIONS[answer_format]}" if format_instruction else question
+            user = prompt_template.format(question=user)
             prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
                 {"role": "user", "content": user}
             ]

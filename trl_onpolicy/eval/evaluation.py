@@ -2,8 +2,8 @@
 
 Library:
 
-- `generate_responses(model, tokenizer, prompts, ...)`: batched Hugging Face ``generate`` (left padding, the
-  tokenizer's chat template, ``max_new_tokens``, greedy when ``temperature == 0`` else seeded sampling with top-p),
+- `generate_responses(model, tokenizer, prompts, ...)`: batched Hugging Face ``generate`` (left padding, prompts
+  rendered by `encode_prompts`, ``max_new_tokens``, greedy when ``temperature == 0`` else seeded sampling with top-p),
   ``num_samples`` responses per prompt, tqdm progress. ``backend="vllm"`` uses vLLM instead when it is installed
   (it needs a model folder, not an in-memory model). Preference-pair construction samples with this same function.
 - `EvalSet` / `load_eval_set`: a set is a reasoning-gym task (``task: chain_sum``), the built-in factual set
@@ -16,13 +16,7 @@ each prompt's score is its share of correct samples; accuracy is the mean over p
 one prompt are correlated, the prompt is the independent unit: the interval is ``mean +- 1.96 * sd / sqrt(n)`` over
 the n per-prompt scores (a normal approximation; clipped to [0, 1]). With k = 1 both reduce to n Bernoulli trials.
 
-Command line (``trl-onpolicy eval``)::
-
-    trl-onpolicy eval --model_name_or_path embedded:smollm2-135m-instruct \\
-        --sets in_domain=chain_sum:100 facts=facts:60 --output_dir runs/eval_base
-
-A set spec string is ``name=task[:n[:seed]]`` or ``name=path/to/file.jsonl``; in a ``--config`` YAML, ``sets`` may
-also hold mappings with every `EvalSet` field.
+The command line (``trl-onpolicy eval``) is `trl_onpolicy.cli.eval`; its set specs are `EvalSet.from_spec` strings.
 """
 
 from __future__ import annotations
@@ -31,7 +25,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -40,8 +33,9 @@ from typing import Any, Sequence
 
 import torch
 
-from trl_onpolicy.utils.generation import SamplingConfig, generate_ids
+from trl_onpolicy.data.prompts import render_prompt_ids
 from trl_onpolicy.eval.answers import EXTRACTORS, grade_response, make_checker
+from trl_onpolicy.utils.generation import SamplingConfig, generate_ids
 from trl_onpolicy.utils.io import atomic_file, write_json_atomic
 
 Z95 = 1.959963984540054
@@ -118,22 +112,13 @@ def _as_messages(prompt) -> list[dict]:
     )
 
 
-def render_prompts(tokenizer, prompts: Sequence) -> list[str]:
-    """Prompt strings ready to generate from: the chat template with the generation prompt when the tokenizer has
-    one; plain strings are used as they are otherwise."""
-    if getattr(tokenizer, "chat_template", None):
-        return [
-            tokenizer.apply_chat_template(_as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
-        ]
-    out = []
-    for p in prompts:
-        if not isinstance(p, str):
-            raise ValueError(
-                "The tokenizer has no chat template, so prompts must be plain strings. Give the tokenizer a "
-                "`chat_template`, or pass string prompts."
-            )
-        out.append(p)
-    return out
+def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
+    """Token ids to generate from, one list per prompt (strings or chat messages). Evaluation's data convention: a
+    plain-question prompt becomes one user turn when the tokenizer has a chat template (and stays text otherwise);
+    then THE prompt renderer (`trl_onpolicy.data.prompts.render_prompt_ids`) tokenizes it as SFTTrainer tokenizes a
+    training prompt (chat template with the generation prompt)."""
+    chat = bool(getattr(tokenizer, "chat_template", None))  # without one, chat messages are refused by the renderer
+    return [render_prompt_ids(tokenizer, _as_messages(p) if chat else p) for p in prompts]
 
 
 @torch.no_grad()
@@ -200,15 +185,14 @@ def generate_responses(
         return _generate_vllm(model, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed)
     if backend != "hf":
         raise ValueError(f"Unknown generation backend {backend!r}; use 'hf' or 'vllm'.")
-    texts = render_prompts(tokenizer, prompts)
+    encoded = encode_prompts(tokenizer, prompts)
     greedy = temperature <= 0
     draws = 1 if greedy else num_samples
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    rows = [(i, j) for i in range(len(texts)) for j in range(draws)]
+    rows = [(i, j) for i in range(len(encoded)) for j in range(draws)]
     outs = generate_batched(model, tokenizer, [encoded[i] for i, _ in rows], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
                             progress=progress, desc=desc)
-    results: list[list[Generation | None]] = [[None] * draws for _ in texts]
+    results: list[list[Generation | None]] = [[None] * draws for _ in encoded]
     for (i, j), (ids, finished) in zip(rows, outs):
         results[i][j] = Generation(text=tokenizer.decode(ids, skip_special_tokens=True), num_tokens=len(ids),
                                    finished=finished)
@@ -227,7 +211,7 @@ def _generate_vllm(model, tokenizer, prompts, num_samples, temperature, top_p, m
         raise ValueError("backend='vllm' loads the model itself: pass a local model folder (save the model first).")
     llm = LLM(model=str(path), seed=seed)
     params = SamplingParams(n=num_samples, temperature=max(temperature, 0.0), top_p=top_p, max_tokens=max_new_tokens)
-    outputs = llm.generate(render_prompts(tokenizer, prompts), params)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, prompts)], params)
     return [
         [Generation(o.text, len(o.token_ids), o.finish_reason == "stop") for o in out.outputs] for out in outputs
     ]
@@ -320,8 +304,8 @@ class EvalSet:
         checker: ``"math_verify"`` (default for math), ``"numeric"``, ``"exact"``, ``"contains"`` (default for facts)
             or ``"package.module:function"``.
         extract_order: answer extractors tried in order (``boxed``, ``hash``, ``last_number``).
-        prompt_template: format string with ``{question}`` applied to file questions and to reasoning-gym tasks that
-            `trl_onpolicy.data.datasets` does not cover.
+        prompt_template: format string with ``{question}`` applied to every question (file, reasoning-gym, and the
+            tasks of `trl_onpolicy.data.datasets`, after the format instruction); not to the facts set.
         max_new_tokens: overrides the evaluation's ``max_new_tokens`` for this set.
         task_kwargs: reasoning-gym settings of the task (e.g. ``{"min_terms": 2, "max_terms": 3}``).
         format_instruction: append `trl_onpolicy.data.datasets`'s answer-format instruction to each question.
@@ -446,7 +430,7 @@ def load_eval_set(spec: EvalSet) -> list[dict]:
     if spec.task in TASKS:
         data = math_word_problems(
             spec.n or 100, seed=spec.seed, task=spec.task, split="test", format_instruction=spec.format_instruction,
-            **spec.task_kwargs,
+            prompt_template=spec.prompt_template, **spec.task_kwargs,
         )
         return [{"id": i, "prompt": row["prompt"], "answer": str(row["answer"])} for i, row in enumerate(data)]
     try:
@@ -499,9 +483,11 @@ class EvalConfig(SamplingConfig):
             )
 
 
-def evaluate_set(model, tokenizer, spec: EvalSet, config: EvalConfig, output_file: str | Path | None = None) -> dict:
-    """Evaluate one set; returns its metrics and (when ``output_file`` is given) writes one jsonl row per prompt."""
-    rows = load_eval_set(spec)
+def evaluate_set(model, tokenizer, spec: EvalSet, config: EvalConfig, output_file: str | Path | None = None,
+                 rows: list[dict] | None = None) -> dict:
+    """Evaluate one set (its ``rows``, default `load_eval_set`); returns its metrics and (when ``output_file`` is
+    given) writes one jsonl row per prompt."""
+    rows = load_eval_set(spec) if rows is None else rows
     if not rows:
         raise ValueError(f"Evaluation set {spec.name!r} is empty.")
     start = time.perf_counter()
@@ -606,68 +592,3 @@ def format_metrics(results: dict[str, dict]) -> str:
             f"  {m['num_prompts']:4d} {m['k']:3d}"
         )
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalArguments(EvalConfig):
-    """Arguments of ``trl-onpolicy eval``: every `EvalConfig` field, and what to evaluate."""
-
-    model_name_or_path: str = field(
-        default="embedded:smollm2-135m-instruct", metadata={"help": "Model folder, Hub name or embedded alias."}
-    )
-    sets: list[str] = field(
-        default_factory=lambda: ["in_domain=chain_sum:50", "facts=facts"],
-        metadata={"help": "Evaluation sets: 'name=task[:n[:seed]]' or 'name=path/to/file.jsonl' (YAML: mappings too)."},
-    )
-    output_dir: str = field(default="runs/eval", metadata={"help": "Where metrics.json and per-set jsonl files go."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (1 is often fastest on a shared CPU)."})
-
-
-def load_model(name_or_path: str, dtype: str = "float32"):
-    """``(model, tokenizer)`` from a folder, Hub name or embedded alias, on CUDA when available
-    (`trl_onpolicy.utils.models.load_model`)."""
-    from trl_onpolicy.utils.models import load_model as load
-
-    return load(name_or_path, dtype)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from trl import TrlParser
-
-    parser = TrlParser(EvalArguments)
-    (args,) = parser.parse_args_and_config(argv)
-    from trl_onpolicy.utils.fingerprint import model_fingerprint
-    from trl_onpolicy.utils.models import resolve_model_path
-    from trl_onpolicy.utils.validation import check_choice, check_output_path, looks_like_local_path
-
-    check_choice("dtype", args.dtype, ("float32", "bfloat16", "float16", "auto"), "eval")
-    sets = [EvalSet.from_spec(s) for s in args.sets]
-    names = [s.name for s in sets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Evaluation set names must be unique; got {names}.")
-    inputs = [args.model_name_or_path] + [s.path for s in sets if s.path]
-    check_output_path(args.output_dir, "eval output_dir", inputs=[i for i in inputs if looks_like_local_path(str(i))])
-    for s in sets:  # every set readable before the model is loaded
-        if not load_eval_set(s):
-            raise ValueError(f"Evaluation set {s.name!r} is empty.")
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
-    model, tokenizer = load_model(args.model_name_or_path, args.dtype)
-    path = resolve_model_path(args.model_name_or_path)
-    weights = model_fingerprint(path) if Path(path).is_dir() else None
-    results = evaluate(model if args.backend == "hf" else args.model_name_or_path, tokenizer, sets, config, args.output_dir,
-                       model_fingerprint=weights)
-    print(format_metrics(results))
-    print(f"per-sample outputs and metrics.json in {args.output_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

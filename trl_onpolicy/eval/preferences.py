@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trl_onpolicy.eval.answers import EXTRACTORS, extract_answer, gold_answer, grade_response, make_checker, to_number
+from trl_onpolicy.utils.errors import work_started
 from trl_onpolicy.utils.generation import SamplingConfig
 
 ON_NO_INCORRECT = ("drop", "resample", "corrupt")
@@ -291,7 +292,7 @@ def load_sft_rows(dataset_name: str | None, task: str, n: int, seed: int) -> lis
 def main(argv: list[str] | None = None) -> int:
     from trl import TrlParser
 
-    from trl_onpolicy.eval.evaluation import load_model
+    from trl_onpolicy.utils.models import load_model
 
     (args,) = TrlParser(PairArguments).parse_args_and_config(argv)
     from trl_onpolicy.utils.validation import check_nonempty_column, check_output_path, looks_like_local_path
@@ -308,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                              "*_column option.")
     for column in (config.completion_column, config.answer_column):
         check_nonempty_column(rows, column, f"pairs dataset {args.dataset_name!r}")
-    model, tokenizer = load_model(args.model_name_or_path)
+    model, tokenizer = load_model(args.model_name_or_path, "float32")
+    work_started()  # input and model checked: a later error is a failed run (traceback, exit 1), not bad input
     dataset, stats = make_preference_dataset(model, tokenizer, rows, config, args.output_dir)
     print(json.dumps(stats, indent=2))
     print(f"{len(dataset)} pairs saved to {args.output_dir}")

@@ -27,28 +27,38 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from trl_onpolicy.data.prompts import render_prompt_ids
 from trl_onpolicy.eval.answers import gold_answer
-from trl_onpolicy.utils.distributed import end_processes, process_state
-from trl_onpolicy.utils.generation import eos_token_ids, generate_ids
-from trl_onpolicy.utils.models import load_model
-from trl_onpolicy.utils.io import atomic_write_text
-
-DEFAULT_HINT_TEMPLATE = (
-    "Here is a problem together with a reference solution.\n\n"
-    "Problem:\n{question}\n\n"
-    "Reference solution:\n{reference}\n\n"
-    "Now solve the problem yourself. Write your own step-by-step reasoning in your own words, as if you were seeing "
-    "the problem for the first time, and finish with the final answer in the same form as the reference. Do not "
-    "mention or refer to the reference solution."
+from trl_onpolicy.hinted.acceptance import (  # noqa: F401  (Acceptance, response_statistics: re-exported)
+    Acceptance,
+    accept_response,
+    completion_text,
+    resolve_checker,
+    response_statistics,
 )
-DEFAULT_ANALYSIS_HEADER = "Analysis: "
-DEFAULT_SOLUTION_HEADER = "\n\nSolution:\n"
+from trl_onpolicy.hinted.prompts import (  # noqa: F401  (hinted_messages: re-exported)
+    DEFAULT_ANALYSIS_HEADER,
+    DEFAULT_HINT_TEMPLATE,
+    DEFAULT_SOLUTION_HEADER,
+    build_hinted_prompt_ids,
+    check_hint_template,
+    hinted_messages,
+    plain_prompt,
+    sample_continuations,
+)
+from trl_onpolicy.utils.distributed import end_processes, process_state
+from trl_onpolicy.utils.errors import work_started
+from trl_onpolicy.utils.generation import eos_token_ids
+from trl_onpolicy.utils.io import atomic_write_text
+from trl_onpolicy.utils.models import load_model
+
+prompt_ids = render_prompt_ids  # the old name of the plain-prompt renderer here (kept for existing callers)
 
 # settings that change the generated samples: a resumed run must use the same values
 _SAMPLE_FIELDS = (
@@ -84,7 +94,9 @@ class RealignConfig:
             `accept_response`), never the whole solution.
         prompt_column (`str` or `None`, defaults to `"prompt"`):
             Column with the ordinary training prompt (conversational or plain text). When absent, the plain prompt is
-            the chat template applied to the question (with `system_prompt` if set).
+            the conversation before the last assistant turn of a `messages` row (system and earlier turns kept), else
+            the chat template applied to the question (with `system_prompt` if set); see
+            `trl_onpolicy.hinted.prompts.plain_prompt`.
         system_prompt (`str` or `None`):
             System message of the prompts built from the question (plain and hinted).
 
@@ -168,7 +180,7 @@ class RealignConfig:
     score_batch_size: int = field(default=8, metadata={"help": "Batch size of DDT scoring."})
 
     def __post_init__(self):
-        from trl_onpolicy.hinted.decoding import LAMBDA_MODES
+        from trl_onpolicy.hinted.sampling import LAMBDA_MODES
         from trl_onpolicy.utils.validation import check_choice, check_fields
 
         check_fields(self, REALIGN_RULES, owner="RealignConfig")
@@ -191,173 +203,6 @@ def _realign_rules():
 
 
 REALIGN_RULES = _realign_rules()
-
-
-def check_hint_template(template: str, owner: str = "RealignConfig") -> None:
-    """The hinted prompt must be a format string whose only placeholders are ``{question}`` and ``{reference}``
-    (both present); a literal brace is written ``{{`` or ``}}``."""
-    import string
-
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as err:
-        raise ValueError(f"{owner}.hint_template is invalid: {err} (write a literal brace as {{{{ or }}}}).") from None
-    unknown = sorted(names - {"question", "reference"})
-    if unknown:
-        raise ValueError(
-            f"{owner}.hint_template is invalid: unknown placeholder(s) {['{' + n + '}' for n in unknown]}; only "
-            "{question} and {reference} are filled in (write a literal brace as {{ or }})."
-        )
-    for key in ("question", "reference"):
-        if key not in names:
-            raise ValueError(f"{owner}.hint_template must contain {{{key}}} (it is filled with the sample's text).")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Prompts
-
-
-def _render(tokenizer, messages) -> list[int]:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            "The tokenizer has no chat template, so conversational prompts cannot be built. Use a chat model, set "
-            "tokenizer.chat_template, or give plain-text prompts."
-        )
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def plain_prompt(example: dict, config: RealignConfig | None = None, *, prompt_column: str | None = "prompt",
-                 question_column: str = "question", system_prompt: str | None = None):
-    """The ordinary training prompt of a sample: its prompt column if present, else a user turn with the question
-    (after ``system_prompt`` if set). The columns come from ``config`` when given."""
-    if config is not None:
-        prompt_column, question_column, system_prompt = config.prompt_column, config.question_column, config.system_prompt
-    if prompt_column and example.get(prompt_column) not in (None, "", []):
-        return example[prompt_column]
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": str(example[question_column])}]
-
-
-def prompt_ids(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt as TRL's SFTTrainer builds them (chat template with generation prompt, or plain text)."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    return _render(tokenizer, list(prompt))
-
-
-def hinted_messages(question: str, reference: str, template: str = DEFAULT_HINT_TEMPLATE, system_prompt: str | None = None):
-    """Messages of the hinted ("shadow") prompt: the question and the reference in one user turn."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": template.format(question=question, reference=reference)}]
-
-
-def sample_continuations(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                         temperature: float = 0.0, top_p: float = 1.0, keep_eos: bool = False) -> list[list[int]]:
-    """Continuations of token-id prompts (`trl_onpolicy.utils.generation.generate_ids`; greedy when temperature is 0), cut
-    after the first EOS (kept with ``keep_eos``)."""
-    outs = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    return [ids if keep_eos or not finished else ids[:-1] for ids, finished in outs]
-
-
-def build_hinted_prompt_ids(model, tokenizer, questions, references, *, template=DEFAULT_HINT_TEMPLATE, system_prompt=None,
-                            analysis_max_new_tokens=0, analysis_header=DEFAULT_ANALYSIS_HEADER, analysis_stop="\n\n",
-                            solution_header=DEFAULT_SOLUTION_HEADER) -> tuple[list[list[int]], list[str | None]]:
-    """Hinted-stream prompt ids for a batch; with ``analysis_max_new_tokens > 0`` the model first writes an analysis
-    (greedy, with the current weights) that becomes part of the hinted prompt. Returns (ids, analyses)."""
-    bases = [_render(tokenizer, hinted_messages(q, r, template, system_prompt)) for q, r in zip(questions, references)]
-    if analysis_max_new_tokens <= 0:
-        return bases, [None] * len(bases)
-    header = tokenizer(analysis_header, add_special_tokens=False)["input_ids"]
-    continuations = sample_continuations(model, tokenizer, [b + header for b in bases], analysis_max_new_tokens)
-    ids, analyses = [], []
-    for base, cont in zip(bases, continuations):
-        text = tokenizer.decode(cont, skip_special_tokens=True)
-        if analysis_stop and analysis_stop in text:
-            text = text[: text.index(analysis_stop)]
-        text = text.strip()
-        analyses.append(text)
-        ids.append(_render_suffix(tokenizer, base, analysis_header + text + solution_header))
-    return ids, analyses
-
-
-def _render_suffix(tokenizer, base: list[int], suffix: str) -> list[int]:
-    return base + tokenizer(suffix, add_special_tokens=False)["input_ids"]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# DDT statistics of responses under the plain prompt
-
-
-@torch.no_grad()
-def response_statistics(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-                        batch_size: int = 8) -> list[dict]:
-    """DDT statistics of each ``responses[i]`` (token ids) as a continuation of ``prompts[i]`` under ``model``:
-    ``num_tokens``, ``mean_phi``, ``sum_phi``, ``z`` and the shares ``frac_phi_gt_-1/-3/-5``.
-
-    Uses `trl_onpolicy.ddt.scoring.score_token_ids` (backbone once per batch, LM head in vocabulary tiles)."""
-    from trl_onpolicy.ddt.scoring import sample_statistics, score_token_ids
-
-    if len(prompts) != len(responses):
-        raise ValueError(f"prompts and responses differ in length ({len(prompts)} vs {len(responses)}).")
-    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
-    arrays = score_token_ids(model, sequences, masks, batch_size=batch_size)
-    return [sample_statistics(a["phi"], a["varentropy"]) for a in arrays]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Answer checking
-
-
-def resolve_checker(spec: str | Callable | None) -> Callable | None:
-    """``(response, gold) -> bool`` from a checker spec, or None for "none".
-
-    A name in `trl_onpolicy.eval.answers.CHECKERS` ("math_verify", "numeric", "exact", "contains"), an importable
-    ``"package.module:function"`` or a callable ``(extracted_answer, gold) -> bool``: the final answer is extracted
-    from the response (``\\boxed{}``, ``#### N``, last number) and compared with the gold, exactly as
-    `trl-onpolicy eval` grades."""
-    if spec is None or spec in ("none", ""):
-        return None
-    from trl_onpolicy.eval.answers import grade_response, make_checker
-
-    check = make_checker(spec)
-
-    def checker(response: str, gold: str) -> bool:
-        return bool(grade_response(response, str(gold), checker=check)[1])
-
-    return checker
-
-
-@dataclass(frozen=True)
-class Acceptance:
-    """Verdict on one re-aligned response: ``accepted``; ``correct`` (None when no answer check ran); ``reason`` a
-    rejection names (``"unfinished"`` or ``"incorrect"``, None when accepted)."""
-
-    accepted: bool
-    correct: bool | None
-    reason: str | None
-
-
-def accept_response(text: str, finish_reason: str, answer, reference, checker: Callable | None, *,
-                    require_eos: bool = True, require_correct: bool = True) -> Acceptance:
-    """THE acceptance rule of re-aligned responses, offline (`realign` filters) and online
-    (`trl_onpolicy.trainer.online.HintedDataCollator`): a response is accepted when it finished with EOS
-    (``finish_reason == "eos"``) and its final answer is correct.
-
-    The gold is ``answer`` (the answer column) when given, else ``reference`` (the reference solution), which the
-    grader (`resolve_checker`, i.e. `trl_onpolicy.eval.answers.grade_response`) first reduces to its final answer (last
-    ``\\boxed{}``, else ``#### N``): never the whole solution text. ``checker=None`` skips the answer check
-    (``correct`` is None). ``require_eos``/``require_correct`` turn either condition off (the realign options
-    ``drop_unfinished``/``drop_incorrect``); ``correct`` is reported either way."""
-    gold = answer if answer not in (None, "") else reference
-    correct = None if checker is None or gold in (None, "") else bool(checker(text, str(gold)))
-    reason = None
-    if require_eos and finish_reason != "eos":
-        reason = "unfinished"
-    elif require_correct and correct is False:
-        reason = "incorrect"
-    return Acceptance(reason is None, correct, reason)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -400,13 +245,6 @@ def _shard_path(output_dir: Path, shard: int) -> Path:
     return output_dir / "shards" / f"shard-{shard:05d}.jsonl"
 
 
-def completion_text(tokenizer, ids: list[int], eos: set[int]) -> str:
-    """The text of a generated response (token ids), without its final EOS: what is stored and what is graded."""
-    if ids and ids[-1] in eos:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
 def realign_shard(model, tokenizer, rows: list[dict], indices: list[int], config: RealignConfig, shard: int,
                   checker: Callable | None, progress=None) -> list[dict]:
     """Re-align, score and check the rows of one shard; returns one output record per row (kept or not)."""
@@ -415,13 +253,13 @@ def realign_shard(model, tokenizer, rows: list[dict], indices: list[int], config
     for b0 in range(0, len(rows), config.batch_size):
         batch, batch_idx = rows[b0 : b0 + config.batch_size], indices[b0 : b0 + config.batch_size]
         prompts = [plain_prompt(ex, config) for ex in batch]
-        plain_ids = [prompt_ids(tokenizer, p) for p in prompts]
+        plain_ids = [render_prompt_ids(tokenizer, p, example=ex) for p, ex in zip(prompts, batch)]
         questions = [str(ex[config.question_column]) for ex in batch]
         references = [str(ex[config.reference_column]) for ex in batch]
         hinted_ids, analyses = build_hinted_prompt_ids(
             model, tokenizer, questions, references, template=config.hint_template, system_prompt=config.system_prompt,
             analysis_max_new_tokens=config.analysis_max_new_tokens, analysis_header=config.analysis_header,
-            analysis_stop=config.analysis_stop, solution_header=config.solution_header,
+            analysis_stop=config.analysis_stop, solution_header=config.solution_header, contexts=prompts,
         )
         results = _decode(
             model, tokenizer, hinted_ids, plain_ids, beta=config.beta, lambda_mode=config.lambda_mode,
@@ -583,6 +421,7 @@ def realign_dataset(model, tokenizer, dataset, config: RealignConfig, *, checker
     state.wait_for_everyone()
     if problem is not None:
         raise ValueError(problem)
+    work_started()  # every input checked: a later error is a failed run (traceback, exit 1), not bad input
     if state.is_main_process and not manifest_path.exists():
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     state.wait_for_everyone()

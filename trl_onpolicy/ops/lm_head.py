@@ -53,6 +53,14 @@ def default_tiles(device: torch.device | str, token_chunk: int | None = None, vo
     return token_chunk, vocab_chunk
 
 
+def full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` as one plain tensor: an FSDP2 shard (a DTensor) is gathered from every rank, as TRL's fused LM head
+    does with the head's weight; anything else comes back as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 @torch.no_grad()
 def token_statistics(
     hidden: torch.Tensor,
@@ -71,7 +79,8 @@ def token_statistics(
 
     Returns ``entropy`` and ``varentropy``; with ``targets`` ([N] ids) also ``log_probs`` and ``is_top1``; with
     ``top_k`` also ``topk_entropy`` (entropy of the softmax over the k largest logits, before any normalisation).
-    ``vocab_chunk`` / ``token_chunk`` (None: `DEFAULT_TILES` for the device) set the logit tile.
+    ``vocab_chunk`` / ``token_chunk`` (None: `DEFAULT_TILES` for the device) set the logit tile. ``weight`` and
+    ``bias`` may be FSDP2 shards (DTensors, outside the model's forward): they are gathered first (`full_tensor`).
 
     Each ``[token_chunk, vocab_chunk]`` tile of (transformed) logits ``z`` is shifted by its row maximum ``m`` in place
     and reduced to three sums, ``w = sum e``, ``S1 = sum e*s`` and ``S2 = sum e*s^2`` with ``s = z - m <= 0`` and
@@ -80,6 +89,7 @@ def token_statistics(
     weighted by ``exp(m - running max)``, and every mean is kept *relative to the running maximum*, so that logits of
     size 1e4 lose nothing to float32 cancellation. Memory: about two tiles.
     """
+    weight, bias = full_tensor(weight), full_tensor(bias)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     token_chunk, vocab_chunk = default_tiles(device, token_chunk, vocab_chunk)

@@ -27,7 +27,7 @@ weights of the very optimizer step that trains on them (zero staleness). The swi
   is `IDFTTrainer` that builds a default collator from ``hinted_collator_kwargs``. Both are kept for existing code;
   ``IDFTTrainer(data_collator=HintedDataCollator(...))`` is the one path.
 
-A generated response is *accepted* by the offline filters' rule (`trl_onpolicy.hinted.realign.accept_response`): it ended
+A generated response is *accepted* by the offline filters' rule (`trl_onpolicy.hinted.acceptance.accept_response`): it ended
 with EOS and (unless the checker is "none") its final answer is correct against the answer column, or, without one,
 against the reference solution's final answer; a rejected one is replaced by the reference response
 (``on_reject="reference"``, default) or trained on anyway (``on_reject="keep"``). Logged each step:
@@ -45,24 +45,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 
 import torch
 from trl import SFTTrainer
+from trl.data_utils import common_prefix_length
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from trl_onpolicy.data.prompts import render_prompt_ids
+from trl_onpolicy.hinted.acceptance import accept_response, completion_text, resolve_checker, response_statistics
+from trl_onpolicy.hinted.prompts import DEFAULT_HINT_TEMPLATE, MESSAGES_COLUMN, build_hinted_prompt_ids, plain_prompt
+from trl_onpolicy.hinted.sampling import LAMBDA_MODES
 from trl_onpolicy.utils.generation import eos_token_ids
-from trl_onpolicy.hinted.decoding import LAMBDA_MODES
-from trl_onpolicy.hinted.realign import (
-    DEFAULT_HINT_TEMPLATE,
-    accept_response,
-    build_hinted_prompt_ids,
-    completion_text,
-    resolve_checker,
-    response_statistics,
-)
 from trl_onpolicy.utils.validation import COUNT, OPTIONAL_COUNT, PROBABILITY_OPEN_LOW, Range, check_choice, check_fields
 
 HINTED_KEY = "hinted"  # where a HintedDataCollator puts the raw fields of its batch
@@ -81,6 +76,7 @@ class HintedBatch:
     reference_input_ids: list[list[int]]
     reference_labels: list[list[int]]
     extras: dict = field(default_factory=dict)
+    contexts: list = field(default_factory=list)  # each row's plain prompt when it is a conversation, else None
 
     def __len__(self):
         return len(self.questions)
@@ -95,10 +91,11 @@ class HintedSettings:
     Parameters:
         question_column, reference_column, answer_column, prompt_column (`str`):
             Dataset columns. The plain prompt is `prompt_column` (the ordinary training prompt) when the sample has
-            it, else the chat template on the question (after `system_prompt`). The gold answer is `answer_column`,
-            or the reference when it is `None` or absent.
+            it, else the conversation before the last assistant turn of a ``messages`` row (system and earlier
+            turns kept), else the chat template on the question (after `system_prompt`). The gold answer is
+            `answer_column`, or the reference when it is `None` or absent.
         hint_template, system_prompt, analysis_max_new_tokens:
-            The hinted (shadow) prompt, as in `trl_onpolicy.hinted.realign`.
+            The hinted (shadow) prompt, as in `trl_onpolicy.hinted.prompts`.
         beta, lambda_mode, lambda_center, lambda_h1, lambda_h2, splitter, max_new_tokens, temperature, top_p:
             Passed to `trl_onpolicy.hinted.decoding.hinted_decode`.
         checker (`str` or callable), on_reject, generation_batch_size, compute_phi:
@@ -112,7 +109,8 @@ class HintedSettings:
     )
     prompt_column: str | None = field(
         default="prompt",
-        metadata={"help": "Column with the plain (training) prompt; None or absent: chat template on the question."},
+        metadata={"help": "Column with the plain (training) prompt; None or absent: the conversation before the last "
+                          "assistant turn of a `messages` row, else the chat template on the question."},
     )
     hint_template: str = field(
         default=DEFAULT_HINT_TEMPLATE,
@@ -199,22 +197,15 @@ def _online_arguments_class():
 OnlineHintedArguments = _online_arguments_class()
 
 
-def render_prompt_ids(tokenizer, example: dict, prompt, chat_template: str | None = None) -> list[int]:
-    """Token ids of ``prompt`` exactly as `trl.SFTTrainer` tokenizes a training prompt: a conversational prompt goes
-    through ``apply_chat_template`` with the generation prompt, the trainer's chat template, the example's ``tools``
-    (a JSON string is decoded) and ``chat_template_kwargs``; a text prompt is tokenized as is."""
-    if isinstance(prompt, str):
-        return list(tokenizer(text=prompt)["input_ids"])
-    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            "The tokenizer has no chat template, so conversational prompts cannot be built. Use a chat model, set "
-            "tokenizer.chat_template, or give plain-text prompts."
-        )
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    kwargs = {"chat_template": chat_template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
-    out = tokenizer.apply_chat_template(list(prompt), tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs)
-    return list(out["input_ids"])
+def realigned_labels(prompt: list[int], response: list[int], reference_ids: list[int], reference_labels: list[int], *,
+                     trains_every_token: bool) -> list[int]:
+    """Labels of ``prompt + response`` under SFTTrainer's mask of the reference sequence: on the prompt tokens the
+    reference shares (its longest common prefix with the prompt) the reference's labels, which say what SFTTrainer's
+    completion-only or assistant-only mask trains there; on the rest of the prompt -100 (or the ids when the trainer
+    trains every token); on the response, the ids."""
+    shared = common_prefix_length(list(prompt), list(reference_ids))
+    rest = list(prompt[shared:]) if trains_every_token else [-100] * (len(prompt) - shared)
+    return list(reference_labels[:shared]) + rest + list(response)
 
 
 class HintedDataCollator:
@@ -229,15 +220,22 @@ class HintedDataCollator:
         tokenizer: the model's tokenizer (with a chat template for conversational prompts).
         **settings: the fields of `HintedSettings` (columns, hinted prompt, decoding, acceptance, phi logging);
             ``checker`` may also be a callable ``(extracted_answer, gold) -> bool``.
-        max_length, completion_only_loss, chat_template, pad_token_id: set from the trainer (its config, its
-            completion-only decision and its training chat template) when left None, on the trainer's own copy
-            (``trainer.data_collator``): the object passed stays as it was, and unattached.
+        max_length, completion_only_loss, assistant_only_loss, chat_template, pad_token_id: set from the trainer
+            (its config, its completion-only decision, ``args.assistant_only_loss`` and its training chat template)
+            when left None, on the trainer's own copy (``trainer.data_collator``): the object passed stays as it
+            was, and unattached.
+
+    A re-aligned sample is ``plain prompt + generated response`` and keeps SFTTrainer's loss mask: on the prompt
+    tokens it shares with the reference sequence, the reference's labels (what SFTTrainer's completion-only or
+    assistant-only mask gave them: system and user turns -100, earlier assistant turns as the mask says); on the
+    generated response, the ids. Prompt tokens past the shared part are -100 unless the trainer trains every token.
     """
 
     realigns_online = True  # recognised by OnlineHintedMixin (without importing this module)
 
     def __init__(self, tokenizer, *, max_length: int | None = None, completion_only_loss: bool | None = None,
-                 chat_template: str | None = None, pad_token_id: int | None = None, **settings):
+                 assistant_only_loss: bool | None = None, chat_template: str | None = None,
+                 pad_token_id: int | None = None, **settings):
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(HintedSettings)})
         if unknown:
             raise TypeError(f"HintedDataCollator got unknown setting(s) {unknown}; the settings are the fields of "
@@ -257,6 +255,7 @@ class HintedDataCollator:
         self.compute_phi = s.compute_phi
         self.max_length = max_length
         self.completion_only_loss = completion_only_loss
+        self.assistant_only_loss = assistant_only_loss
         self.chat_template = chat_template
         if pad_token_id is None:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -270,8 +269,8 @@ class HintedDataCollator:
     @property
     def columns(self) -> list[str]:
         """Dataset columns the collator reads (kept by the trainer whatever ``remove_unused_columns`` says)."""
-        cols = [self.question_column, self.reference_column, self.answer_column, self.prompt_column, "tools",
-                "chat_template_kwargs"]
+        cols = [self.question_column, self.reference_column, self.answer_column, self.prompt_column, MESSAGES_COLUMN,
+                "tools", "chat_template_kwargs"]
         return list(dict.fromkeys(c for c in cols if c))
 
     # -- collation ----------------------------------------------------------------------------------------------------
@@ -281,13 +280,16 @@ class HintedDataCollator:
             [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels)]
         )
 
+    def plain_prompt(self, example: dict):
+        """The plain prompt of one example (`trl_onpolicy.hinted.prompts.plain_prompt`: the prompt column, else the
+        conversation before the last assistant turn of a ``messages`` row, else the question)."""
+        return plain_prompt(example, prompt_column=self.prompt_column, question_column=self.question_column,
+                            system_prompt=self.system_prompt)
+
     def plain_prompt_ids(self, example: dict) -> list[int]:
-        """The plain prompt of one example, rendered exactly as SFTTrainer renders its training prompt."""
-        prompt = example.get(self.prompt_column) if self.prompt_column else None
-        if prompt in (None, "", []):
-            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            prompt = system + [{"role": "user", "content": str(example[self.question_column])}]
-        return render_prompt_ids(self.tokenizer, example, prompt, self.chat_template)
+        """`plain_prompt` rendered exactly as SFTTrainer renders its training prompt."""
+        return render_prompt_ids(self.tokenizer, self.plain_prompt(example), chat_template=self.chat_template,
+                                 example=example)
 
     def __call__(self, examples: list[dict]) -> dict:
         if self.attached_to is None:
@@ -316,14 +318,17 @@ class HintedDataCollator:
             answers=[gold(ex) for ex in examples],
             reference_input_ids=input_ids,
             reference_labels=labels,
+            contexts=[self.plain_prompt(ex) for ex in examples],
         )
         return batch
 
     # -- re-alignment ---------------------------------------------------------------------------------------------------
 
-    def _sequence(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
-        ids = prompt + response
-        labels = ([-100] * len(prompt) if self.completion_only_loss is not False else list(prompt)) + list(response)
+    def _sequence(self, prompt: list[int], response: list[int], reference_ids: list[int],
+                  reference_labels: list[int]) -> tuple[list[int], list[int]]:
+        every = self.completion_only_loss is False and not self.assistant_only_loss
+        ids = list(prompt) + list(response)
+        labels = realigned_labels(prompt, response, reference_ids, reference_labels, trains_every_token=every)
         if self.max_length is not None:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         return ids, labels
@@ -341,7 +346,8 @@ class HintedDataCollator:
         answers, ref_ids, ref_labels = flat("answers"), flat("reference_input_ids"), flat("reference_labels")
         hinted, _ = build_hinted_prompt_ids(
             model, self.tokenizer, questions, references, template=self.hint_template, system_prompt=self.system_prompt,
-            analysis_max_new_tokens=self.analysis_max_new_tokens,
+            analysis_max_new_tokens=self.analysis_max_new_tokens, chat_template=self.chat_template,
+            contexts=flat("contexts") or None,
         )
         seeds = None if seed is None else [seed + i for i in range(len(plain))]
         results = hinted_decode(model, self.tokenizer, hinted, plain, seed=seeds, batch_size=self.generation_batch_size,
@@ -372,7 +378,7 @@ class HintedDataCollator:
             ids_list, labels_list = [], []
             for _ in range(len(part)):
                 if accepted[k] or self.on_reject == "keep":
-                    ids, labels = self._sequence(plain[k], responses[k])
+                    ids, labels = self._sequence(plain[k], responses[k], ref_ids[k], ref_labels[k])
                 else:
                     ids, labels = ref_ids[k], ref_labels[k]
                 ids_list.append(ids)
@@ -439,6 +445,8 @@ class OnlineHintedMixin:
             collator.max_length = self.args.max_length
         if collator.completion_only_loss is None:
             collator.completion_only_loss = getattr(self, "completion_only_loss", True)
+        if collator.assistant_only_loss is None:
+            collator.assistant_only_loss = bool(getattr(self.args, "assistant_only_loss", False))
         if collator.chat_template is None:
             collator.chat_template = getattr(self, "chat_template", None)  # SFTTrainer's training template, if any
         self._check_hinted_columns(collator)
@@ -525,4 +533,4 @@ class OnlineSFTTrainer(OnlineHintedMixin, SFTTrainer):
 
 
 __all__ = ["HintedSettings", "OnlineHintedArguments", "HintedDataCollator", "HintedBatch", "OnlineHintedMixin",
-           "OnlineSFTTrainer", "render_prompt_ids"]
+           "OnlineSFTTrainer", "realigned_labels"]

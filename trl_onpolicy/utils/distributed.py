@@ -79,3 +79,25 @@ def end_processes() -> None:
     if state is not None:
         state.wait_for_everyone()
         state.destroy_process_group()
+
+
+def exit_process(code: int | None = 0):
+    """Leave a launched script with exit status ``code``. In one process of a multi-process launch (``WORLD_SIZE`` >
+    1), after its teardown (`end_processes` / ``trainer.end()``), the interpreter is left without finalization
+    (``os._exit`` after flushing output): DDP and DeepSpeed keep their gloo process groups alive past
+    ``destroy_process_group`` (their worker threads are still running), and finalizing Python under those threads
+    aborted a rank now and then ("terminate called without an active exception", exit -6). Elsewhere: ``sys.exit``."""
+    import sys
+
+    code = 0 if code is None else int(code)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing left to keep
+            pass
+    os._exit(code)
