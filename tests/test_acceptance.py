@@ -11,7 +11,8 @@ import trl_onpolicy.hinted.decoding as hinted_module
 import trl_onpolicy.hinted.realign as realign_module
 from trl_onpolicy.hinted.decoding import HintedResult
 from trl_onpolicy.trainer.online import HINTED_KEY, HintedDataCollator
-from trl_onpolicy.hinted.realign import RealignConfig, accept_response, prompt_ids, realign_dataset, resolve_checker
+from trl_onpolicy.data.prompts import render_prompt_ids as prompt_ids
+from trl_onpolicy.hinted.realign import RealignConfig, accept_response, realign_dataset, resolve_checker
 
 GSM = "Natalia sold 48/2 = 24 clips in May.\nAltogether she sold 48 + 24 = 72 clips.\n#### 72"
 MATH = "First $3x + 5 = 20$, so $3x = 15$; trying $x = \\boxed{3}$ fails, and $x = \\boxed{5}$ works."

@@ -371,3 +371,16 @@ def test_decision_rule_and_frontier_comparison():
     assert selection.decision(row(-0.03, -0.01, 0.02), far + sft)["supported"] is False  # OOD not better
     assert selection.decision(row(-0.08, -0.01, 0.02), [_group("idft", 0.2, 0.25)] + sft)["supported"] is True  # (B)
     assert selection.decision([], sft) is None
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("budget", "adam_beta2", float("nan")), ("budget", "adam_beta2", 1.0), ("budget", "adam_beta2", -0.1),
+    ("budget", "warmup_ratio", float("inf")), ("budget", "warmup_ratio", -0.1), ("budget", "warmup_ratio", 1.0),
+    ("data", "dev_n", 0), ("data", "dev_n", float("nan")), ("data", "prompt_template", "no placeholder"),
+])
+def test_new_study2_fields_refuse_non_finite_and_out_of_range_values(tmp_path, tiny_model_dir, section, key, value):
+    raw = yaml.safe_load((ROOT / "recipes" / "compare" / "smollm2_study2.yaml").read_text())
+    raw["model_name_or_path"], raw["output_dir"] = str(tiny_model_dir), str(tmp_path / "out")
+    raw[section][key] = value
+    with pytest.raises(ValueError, match=rf"^{section}\.{key}=.* is invalid"):
+        parse_config(raw)

@@ -313,7 +313,7 @@ def test_plain_prompt_is_rendered_as_sft_trainer_renders_the_training_prompt(tin
         text = tok.decode(plain)
         assert f"[tutor {i}]" in text and '"name": "add"' in text  # both were applied
     # without them (what the collator did before) the prompt would differ
-    from trl_onpolicy.hinted.realign import prompt_ids
+    from trl_onpolicy.data.prompts import render_prompt_ids as prompt_ids
 
     assert prompt_ids(tok, data[0]["prompt"]) != hb.plain_prompt_ids[0]
 

@@ -16,11 +16,11 @@ from datasets import Dataset
 
 from trl_onpolicy.hinted.decoding import hinted_decode
 from trl_onpolicy.ops.lm_head import full_softmax_statistics
+from trl_onpolicy.data.prompts import render_prompt_ids as prompt_ids
 from trl_onpolicy.hinted.realign import (
     RealignConfig,
     build_hinted_prompt_ids,
     main,
-    prompt_ids,
     realign_dataset,
     resolve_checker,
     response_statistics,

@@ -58,7 +58,6 @@ from trl_onpolicy.utils.generation import eos_token_ids
 from trl_onpolicy.utils.io import atomic_write_text
 from trl_onpolicy.utils.models import load_model
 
-prompt_ids = render_prompt_ids  # the old name of the plain-prompt renderer here (kept for existing callers)
 
 # settings that change the generated samples: a resumed run must use the same values
 _SAMPLE_FIELDS = (
@@ -499,5 +498,5 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "RealignConfig", "Acceptance", "accept_response", "completion_text", "realign_dataset", "run_realign", "response_statistics", "resolve_checker", "build_hinted_prompt_ids", "hinted_messages", "plain_prompt",
-    "prompt_ids", "load_dataset_any", "merge_shards", "main",
+    "load_dataset_any", "merge_shards", "main",
 ]

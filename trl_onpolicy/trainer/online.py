@@ -286,10 +286,11 @@ class HintedDataCollator:
         return plain_prompt(example, prompt_column=self.prompt_column, question_column=self.question_column,
                             system_prompt=self.system_prompt)
 
-    def plain_prompt_ids(self, example: dict) -> list[int]:
-        """`plain_prompt` rendered exactly as SFTTrainer renders its training prompt."""
-        return render_prompt_ids(self.tokenizer, self.plain_prompt(example), chat_template=self.chat_template,
-                                 example=example)
+    def plain_prompt_ids(self, example: dict, prompt=None) -> list[int]:
+        """`plain_prompt` (or ``prompt``, already built from ``example``) rendered exactly as SFTTrainer renders its
+        training prompt."""
+        prompt = self.plain_prompt(example) if prompt is None else prompt
+        return render_prompt_ids(self.tokenizer, prompt, chat_template=self.chat_template, example=example)
 
     def __call__(self, examples: list[dict]) -> dict:
         if self.attached_to is None:
@@ -311,14 +312,15 @@ class HintedDataCollator:
             value = ex.get(self.answer_column) if self.answer_column else None
             return None if value in (None, "") else str(value)
 
+        prompts = [self.plain_prompt(ex) for ex in examples]  # built once: rendered for decoding, kept for the hint
         batch[HINTED_KEY] = HintedBatch(
-            plain_prompt_ids=[self.plain_prompt_ids(ex) for ex in examples],
+            plain_prompt_ids=[self.plain_prompt_ids(ex, p) for ex, p in zip(examples, prompts)],
             questions=[str(ex[self.question_column]) for ex in examples],
             references=[str(ex[self.reference_column]) for ex in examples],
             answers=[gold(ex) for ex in examples],
             reference_input_ids=input_ids,
             reference_labels=labels,
-            contexts=[self.plain_prompt(ex) for ex in examples],
+            contexts=prompts,
         )
         return batch
 
