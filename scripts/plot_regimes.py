@@ -1,0 +1,94 @@
+"""The README's two-regime figure: in-domain gain and KL on general prompts of each method at its chosen learning rate,
+study 1 (no answer-format instruction, 8 steps) beside study 2 (the paper's regime), from the committed reports.
+
+Each study's ``results.json`` (written by `trl-onpolicy compare`) holds per (method, rate) the mean over seeds and a
+95% t-interval over seeds. A study whose report has a DEV selection (``selection.chosen``) uses those rates; otherwise
+(study 1) each method's rate is the one with the highest mean in-domain accuracy, as its report's "best learning rate"
+(chosen on the test set, which flatters every method alike: said on the figure).
+
+    python scripts/plot_regimes.py --studies studies/smollm2_cpu studies/smollm2_study2 --out docs/two_regimes.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ORDER = ["sft", "eaft", "dft", "idft", "idft_v1", "idft_hinted", "idft_online", "sft_online", "dpo", "simpo", "sdft"]
+
+
+def chosen_groups(results: dict) -> tuple[list[dict], str]:
+    """Each label's group (per-rate summary) at its chosen rate, in `ORDER`; and how the rate was chosen."""
+    groups = [g for g in results["groups"] if g["label"] != "base"]
+    chosen = (results.get("selection") or {}).get("chosen")
+    out = {}
+    for g in groups:
+        if g["metrics"]["in_domain_acc"]["mean"] is None:
+            continue
+        label = g["label"]
+        if chosen:
+            if chosen.get(label) is not None and abs(float(g["learning_rate"]) - chosen[label]) < 1e-12 * chosen[label] + 1e-15:
+                out[label] = g
+        elif label not in out or g["metrics"]["in_domain_acc"]["mean"] > out[label]["metrics"]["in_domain_acc"]["mean"]:
+            out[label] = g
+    rule = "rate chosen on DEV" if chosen else "rate: best on the test set"
+    return [out[k] for k in ORDER if k in out] + [g for k, g in out.items() if k not in ORDER], rule
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", nargs="+", required=True, help="study folders, each with a results.json")
+    parser.add_argument("--titles", nargs="*", default=None, help="one panel title per study (default: its title)")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    studies = []
+    for folder in args.studies:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"--studies {folder}: no results.json there; run `trl-onpolicy compare --report_only true` first")
+        studies.append(json.loads(path.read_text()))
+    titles = args.titles or [s["config"].get("title") or f for s, f in zip(studies, args.studies)]
+    if len(titles) != len(studies):
+        raise SystemExit(f"--titles: {len(titles)} titles for {len(studies)} studies")
+
+    fig, axes = plt.subplots(2, len(studies), figsize=(5.6 * len(studies), 7.5), squeeze=False)
+    for col, (results, title) in enumerate(zip(studies, titles)):
+        groups, rule = chosen_groups(results)
+        labels = [f"{g['label']} ({float(g['learning_rate']):.0e}, {len(g['seeds'])} seeds)" for g in groups]
+        y = list(range(len(groups)))[::-1]
+        for row, (key, scale, xlabel) in enumerate([("in_domain_gain", 100, "in-domain gain vs base (points)"),
+                                                     ("kl_general", 1, "KL(base‖model) on general prompts (nats/token)")]):
+            ax = axes[row][col]
+            means = [(g["metrics"][key]["mean"] or 0) * scale for g in groups]
+            lo = [g["metrics"][key]["ci_low"] for g in groups]
+            hi = [g["metrics"][key]["ci_high"] for g in groups]
+            err = [[m - (lo_ * scale) if lo_ is not None else 0 for m, lo_ in zip(means, lo)],
+                   [(hi_ * scale) - m if hi_ is not None else 0 for m, hi_ in zip(means, hi)]]
+            colors = ["#c44e52" if g["label"].startswith("idft") else "#4c72b0" if g["label"] == "sft" else "#8c8c8c"
+                      for g in groups]
+            ax.barh(y, means, xerr=err, color=colors, capsize=3)
+            ax.set_yticks(y, labels, fontsize=8)
+            ax.axvline(0, color="black", linewidth=0.8)
+            ax.set_xlabel(xlabel, fontsize=9)
+            if row == 0:
+                ax.set_title(f"{title}\n{rule}; mean, 95% t-interval over seeds", fontsize=8.5)
+    for row in axes:  # one scale per row, so the studies compare at a glance
+        lo, hi = min(ax.get_xlim()[0] for ax in row), max(ax.get_xlim()[1] for ax in row)
+        for ax in row:
+            ax.set_xlim(lo, hi)
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
