@@ -10,6 +10,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -88,3 +89,19 @@ def smollm2_tokenizer():
     from trl_onpolicy.utils.models import smollm2_path
 
     return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def import_script(name: str):
+    """Yield the module of ``scripts/<name>.py`` (for a module-scoped fixture: ``yield from import_script(...)``);
+    the scripts folder is on ``sys.path`` only meanwhile, as a script's own sibling imports expect."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(SCRIPTS))

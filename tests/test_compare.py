@@ -137,6 +137,12 @@ def test_t_interval_matches_reference():
     assert stat["ci_high"] - stat["mean"] == pytest.approx(4.303 * sd / math.sqrt(3))
     assert compare_report.t_interval([0.3])["ci_low"] is None
     assert compare_report.t_interval([None]) is None
+    # a share's interval is clipped to the possible range (three seeds at 97%, 100%, 100%: unclipped it passes 100%)
+    shares = [0.97, 1.0, 1.0]
+    raw = compare_report.t_interval(shares)
+    clipped = compare_report.t_interval(shares, bounds=(0.0, 1.0))
+    assert raw["ci_high"] > 1.0 and clipped["ci_high"] == 1.0
+    assert clipped["ci_low"] == pytest.approx(raw["ci_low"]) and clipped["mean"] == pytest.approx(raw["mean"])
 
 
 def test_entries_of_one_label_add_units(tmp_path, tiny_model_dir):

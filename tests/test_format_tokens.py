@@ -2,23 +2,14 @@
 line) and the per-unit format shares read back from committed evaluation files."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from conftest import import_script
 
 
 @pytest.fixture(scope="module")
 def format_tokens():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import format_tokens
-
-        yield format_tokens
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    yield from import_script("format_tokens")
 
 
 def test_classes_of_a_real_answer_line(format_tokens, smollm2_tokenizer):

@@ -4,24 +4,15 @@ for the suite. This runs the other three sections end to end with tiny sizes (ab
 they write; the full smoke run is recorded in docs/benchmarks.md."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from conftest import import_script
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import gpu_check
-
-        yield gpu_check
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    yield from import_script("gpu_check")
 
 
 @pytest.mark.slow

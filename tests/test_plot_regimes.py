@@ -1,22 +1,13 @@
 """scripts/plot_regimes.py: which (method, rate) each study panel shows, and that the figure is written."""
 
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from conftest import import_script
 
 
 @pytest.fixture(scope="module")
 def plot_regimes():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import plot_regimes
-
-        yield plot_regimes
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    yield from import_script("plot_regimes")
 
 
 def _group(label, lr, acc, seeds=(0, 1, 2)):

@@ -117,7 +117,7 @@ def section(agg: dict, results: dict, cfg) -> tuple[list[str], dict] | None:
 
     def shares(g, role):
         per = [role_shares(r, sets, role) for r in units.get((g["label"], g["learning_rate"]), {}).values()]
-        return {k: t_interval([p[k] for p in per]) for k in ("cut_off", "marker")}
+        return {k: t_interval([p[k] for p in per], bounds=(0.0, 1.0)) for k in ("cut_off", "marker")}
 
     best = {}
     for label in dict.fromkeys(g["label"] for g in groups):

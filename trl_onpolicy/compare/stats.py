@@ -21,9 +21,10 @@ Z975 = Z95  # two-sided 5%
 Z80 = 0.8416212335729143  # 80% power
 
 
-def t_interval(values) -> dict | None:
+def t_interval(values, bounds: tuple[float, float] | None = None) -> dict | None:
     """Mean and 95% Student-t interval of independent replicates (``None`` values skipped); ``ci_low``/``ci_high``
-    are None with fewer than two values."""
+    are None with fewer than two values. ``bounds``: the quantity's possible range (a share: ``(0, 1)``), to which
+    the interval is clipped."""
     xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     n = len(xs)
     if n == 0:
@@ -33,7 +34,10 @@ def t_interval(values) -> dict | None:
         return {"mean": mean, "ci_low": None, "ci_high": None, "n": 1, "sd": None}
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = T975.get(n - 1, Z95) * sd / math.sqrt(n)
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n, "sd": sd}
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": n, "sd": sd}
 
 
 def paired_bootstrap(a: dict, b: dict, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict | None:
