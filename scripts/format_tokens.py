@@ -38,24 +38,20 @@ HARD_P = 0.1  # "hard": every scored token (any class) the model gives p < HARD_
 def unit_format_shares(comparison) -> list[dict]:
     """Per (label, learning rate): in-domain accuracy, marker share and cut-off share over the committed seeds."""
     from trl_onpolicy.compare.metrics import item_records
+    from trl_onpolicy.compare.selection import role_items, role_shares
 
-    names = [s.name for s in comparison.cfg.eval_sets if s.role == "in_domain"]
+    sets = comparison.cfg.eval_sets
+    names = [s.name for s in sets if s.role == "in_domain"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for unit in comparison.units():
-        stored = comparison.finished(unit)
-        if stored is None:
+        if comparison.finished(unit) is None:
             continue
+        # read back from the unit's evaluation files: units written before compare recorded shares have none stored
         rec = item_records(comparison.unit_dir(unit) / "eval", names, comparison.answer_marker)
-        fmt = [rec["format"][n] for n in names if n in rec["format"]]
-        items = [x for n in names for x in rec["items"].get(n, [])]
-        if not fmt or not items:
+        items, shares = role_items(rec, sets, "in_domain"), role_shares(rec, sets, "in_domain")
+        if not items or shares["marker"] is None:
             continue
-        n = sum(f["samples"] for f in fmt)
-        groups[(unit.spec.label, unit.lr)].append({
-            "seed": unit.seed, "accuracy": float(np.mean(items)),
-            "marker": sum(f["marker"] * f["samples"] for f in fmt) / n,
-            "cut_off": sum(f["cut_off"] * f["samples"] for f in fmt) / n,
-        })
+        groups[(unit.spec.label, unit.lr)].append({"seed": unit.seed, "accuracy": float(np.mean(items)), **shares})
     rows = []
     for (label, lr), per_seed in groups.items():
         row = {"label": label, "lr": lr, "seeds": len(per_seed)}
@@ -192,13 +188,14 @@ def main(argv=None) -> int:
 
     wanted = []
     for item in args.retrain:
-        label, sep, lr = item.partition("@")
+        label, _, lr = item.partition("@")
         try:
-            wanted.append((label, float(lr)))
+            rate = float(lr)
         except ValueError:
             raise SystemExit(f"--retrain {item!r}: write LABEL@LR, e.g. idft@1e-5") from None
-        if not sep:
-            raise SystemExit(f"--retrain {item!r}: write LABEL@LR, e.g. idft@1e-5")
+        if not (math.isfinite(rate) and rate > 0):
+            raise SystemExit(f"--retrain {item!r}: the learning rate must be a finite number > 0")
+        wanted.append((label, rate))
     comparison = Comparison(load_config_file(args.config), progress=False)
     torch.set_num_threads(comparison.cfg.num_threads or torch.get_num_threads())
     defaults = IDFTConfig.__dataclass_fields__

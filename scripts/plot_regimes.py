@@ -2,9 +2,9 @@
 study 1 (no answer-format instruction, 8 steps) beside study 2 (the paper's regime), from the committed reports.
 
 Each study's ``results.json`` (written by `trl-onpolicy compare`) holds per (method, rate) the mean over seeds and a
-95% t-interval over seeds. A study whose report has a DEV selection (``selection.chosen``) uses those rates; otherwise
-(study 1) each method's rate is the one with the highest mean in-domain accuracy, as its report's "best learning rate"
-(chosen on the test set, which flatters every method alike: said on the figure).
+95% t-interval over seeds. Each method is shown at the rate its report chose: on the DEV split when the study has one,
+else (study 1) the highest in-domain gain, i.e. chosen on the test set, which flatters every method alike (said on
+the figure).
 
     python scripts/plot_regimes.py --studies studies/smollm2_cpu studies/smollm2_study2 --out docs/two_regimes.png
 """
@@ -19,20 +19,17 @@ ORDER = ["sft", "eaft", "dft", "idft", "idft_v1", "idft_hinted", "idft_online", 
 
 
 def chosen_groups(results: dict) -> tuple[list[dict], str]:
-    """Each label's group (per-rate summary) at its chosen rate, in `ORDER`; and how the rate was chosen."""
-    groups = [g for g in results["groups"] if g["label"] != "base"]
-    chosen = (results.get("selection") or {}).get("chosen")
+    """Each label's group (per-rate summary) at the rate its report chose (`trl_onpolicy.compare.selection.best_group`:
+    DEV accuracy when the study has a DEV split, else in-domain gain), in `ORDER`; and how the rate was chosen."""
+    from trl_onpolicy.compare.selection import best_group, selected_on_dev
+
+    groups = [g for g in results["groups"] if g["label"] != "base" and g["per_seed"]]
     out = {}
-    for g in groups:
-        if g["metrics"]["in_domain_acc"]["mean"] is None:
-            continue
-        label = g["label"]
-        if chosen:
-            if chosen.get(label) is not None and abs(float(g["learning_rate"]) - chosen[label]) < 1e-12 * chosen[label] + 1e-15:
-                out[label] = g
-        elif label not in out or g["metrics"]["in_domain_acc"]["mean"] > out[label]["metrics"]["in_domain_acc"]["mean"]:
-            out[label] = g
-    rule = "rate chosen on DEV" if chosen else "rate: best on the test set"
+    for label in dict.fromkeys(g["label"] for g in groups):
+        best = best_group([g for g in groups if g["label"] == label])
+        if best is not None and best["metrics"]["in_domain_acc"]["mean"] is not None:
+            out[label] = best
+    rule = "rate chosen on DEV" if selected_on_dev(groups) else "rate: best on the test set"
     return [out[k] for k in ORDER if k in out] + [g for k, g in out.items() if k not in ORDER], rule
 
 

@@ -181,7 +181,7 @@ SETS = [EvalSet(name="in_domain", task="chain_sum")]
 
 def _chosen(results, label):
     agg = compare_report.aggregate(results, SETS)
-    return compare_report._best([g for g in agg["groups"] if g["label"] == label])["learning_rate"]
+    return compare_report.best_group([g for g in agg["groups"] if g["label"] == label])["learning_rate"]
 
 
 def test_dev_selection_ignores_the_test_sets():

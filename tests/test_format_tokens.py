@@ -34,7 +34,7 @@ def test_no_marker_means_no_marker_or_answer_tokens(format_tokens, smollm2_token
 
 def test_unit_shares_pool_sets_and_seeds(format_tokens, tmp_path):
     """Two seeds of one rate: shares are per-sample over the in-domain sets and averaged over seeds; a unit without
-    a result is left out."""
+    a result (seed 2) is left out."""
     from trl_onpolicy.compare.config import load_config_file
     from trl_onpolicy.compare.runner import Comparison
 
@@ -57,10 +57,15 @@ def test_unit_shares_pool_sets_and_seeds(format_tokens, tmp_path):
         records = [{"score": float(i == 0), "samples": [{"response": r, "finished": f}]}
                    for i, (r, f) in enumerate(samples[unit.seed])]
         (folder / "eval" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (folder / "result.json").write_text(json.dumps({"status": "ok", "key": unit.key}))
-    comparison.finished = lambda unit: {"status": "ok"} if unit.seed in samples else None
+    comparison.finished = lambda unit: {"status": "ok"} if unit.seed in samples else None  # seed 2 never finished
     (row,) = format_tokens.unit_format_shares(comparison)
     assert row["seeds"] == 2
     assert row["marker"] == {"mean": 0.75, "min": 0.5, "max": 1.0}
     assert row["cut_off"] == {"mean": 0.25, "min": 0.0, "max": 0.5}
     assert row["accuracy"]["mean"] == 0.5
+
+
+@pytest.mark.parametrize("item", ["idft", "idft@", "idft@nan", "idft@inf", "idft@-1e-5", "idft@0"])
+def test_retrain_refuses_a_bad_rate_before_any_work(format_tokens, item):
+    with pytest.raises(SystemExit, match="--retrain"):
+        format_tokens.main(["--config", "no/such/recipe.yaml", "--retrain", item])

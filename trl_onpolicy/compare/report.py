@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from trl_onpolicy.compare.fmt import _rate, _row, _stat, _val
-from trl_onpolicy.compare.selection import _best, _sft_groups, section, selected_on_dev
+from trl_onpolicy.compare.selection import best_group, _sft_groups, section, selected_on_dev
 from trl_onpolicy.compare.stats import t_interval
 from trl_onpolicy.utils.io import atomic_write_bytes, atomic_write_text, write_json_atomic
 
@@ -141,7 +141,7 @@ def paired_vs_sft(groups: list[dict]) -> list[dict]:
     sft = _sft_groups(groups)
     if not sft:
         return []
-    best = _best(sft)
+    best = best_group(sft)
     rows = []
     for g in groups:
         if g["method"] in ("base", "sft") or not g["per_seed"]:
@@ -175,14 +175,14 @@ def contrast_rows(groups: list[dict], contrasts) -> list[dict]:
 def best_vs_best(groups: list[dict]) -> list[dict]:
     """Each method label at its best rate (highest mean in-domain gain) minus SFT at its best rate, paired on seed;
     one row per label other than base and SFT."""
-    sft = _best(_sft_groups(groups))
+    sft = best_group(_sft_groups(groups))
     if sft is None:
         return []
     rows = []
     for label in dict.fromkeys(g["label"] for g in groups):
         if label == sft["label"] or any(g["method"] == "base" for g in groups if g["label"] == label):
             continue
-        g = _best([g for g in groups if g["label"] == label])
+        g = best_group([g for g in groups if g["label"] == label])
         if g is None:
             continue
         seeds, diffs = _paired(g, sft)
@@ -266,7 +266,7 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
     lines.append("")
     best = []
     for label in dict.fromkeys(g["label"] for g in groups if g["learning_rate"] is not None):
-        b = _best([g for g in groups if g["label"] == label])
+        b = best_group([g for g in groups if g["label"] == label])
         if b is not None:
             best.append(f"{label} {_rate(b['learning_rate'])}")
     dev = selected_on_dev(groups)

@@ -4,7 +4,7 @@ out-of-domain change and the answer-format shares (cut off, answer marker), item
 problems x seeds (`trl_onpolicy.compare.stats`) for each method against SFT and for the recipe's contrasts, and the
 smallest retention change the retention sets can detect.
 
-It also holds the rate choice the whole report uses (`_best`: DEV accuracy when there is a DEV split, else the
+It also holds the rate choice the whole report uses (`best_group`: DEV accuracy when there is a DEV split, else the
 in-domain gain). `section` is called by `trl_onpolicy.compare.report.write_report`; it returns None for a study whose
 units record neither a DEV split nor per-problem scores (the first study's report stays as it was).
 """
@@ -28,7 +28,7 @@ def selected_on_dev(groups: list[dict]) -> bool:
     return bool(trained) and all(g["metrics"].get("dev_acc") is not None for g in trained)
 
 
-def _best(groups: list[dict]) -> dict | None:
+def best_group(groups: list[dict]) -> dict | None:
     """The group with the highest mean DEV accuracy when every one has it (over the seeds every group finished, so a
     rate scanned at seed 0 and a rate then run at three seeds are compared on seed 0), else the highest mean
     in-domain gain."""
@@ -121,7 +121,7 @@ def section(agg: dict, results: dict, cfg) -> tuple[list[str], dict] | None:
 
     best = {}
     for label in dict.fromkeys(g["label"] for g in groups):
-        b = _best([g for g in groups if g["label"] == label])
+        b = best_group([g for g in groups if g["label"] == label])
         if b is not None:
             best[label] = b
     head = ["method", "lr", "seeds", "DEV acc %", "in-domain acc %", "in-domain gain (pts)", "OOD Δ (pts)",
@@ -147,7 +147,7 @@ def section(agg: dict, results: dict, cfg) -> tuple[list[str], dict] | None:
                            f"{_stat(si['marker'])} / {_stat(so['marker'])}"]))
     lines.append("")
 
-    sft = _best(_sft_groups(groups))
+    sft = best_group(_sft_groups(groups))
     pairs = [(label, g, "sft", sft) for label, g in best.items() if sft is not None and label != sft["label"]
              and g["method"] != "base"]
     pairs += [(a, best[a], b, best[b]) for a, b in getattr(cfg, "contrasts", ()) if a in best and b in best]
