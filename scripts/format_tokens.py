@@ -88,10 +88,11 @@ def token_class_stats(comparison, model, tokenizer, idft: dict) -> dict:
     mean DFT and IDFT weights (and relative to the rest's)."""
     from trl_onpolicy.ddt.scoring import score_dataset
     from trl_onpolicy.losses import token_weights
+    from trl_onpolicy.utils.generation import eos_token_ids
 
     result = score_dataset(model, tokenizer, comparison.sft_dataset(), max_length=comparison.cfg.budget.max_length,
                            progress=False)
-    end_ids = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
+    end_ids = set(eos_token_ids(model, tokenizer))
     cols: dict[str, dict[str, list]] = {c: defaultdict(list) for c in CLASSES}
     for arrays in result.tokens:
         if arrays is None:
@@ -109,31 +110,40 @@ def token_class_stats(comparison, model, tokenizer, idft: dict) -> dict:
     out = {}
     totals = {k: sum(sum(cols[c][k]) for c in CLASSES if c != "hard") for k in ("p", "w_idft")}
     total_n = sum(len(cols[c]["p"]) for c in CLASSES if c != "hard")
-    rest_dft = float(np.mean(cols["rest"]["p"])) if cols["rest"]["p"] else float("nan")
-    rest_idft = float(np.mean(cols["rest"]["w_idft"])) if cols["rest"]["w_idft"] else float("nan")
-    for c in CLASSES:
+    means = {c: (float(np.mean(cols[c]["p"])), float(np.mean(cols[c]["w_idft"]))) for c in CLASSES if cols[c]["p"]}
+    rest_dft, rest_idft = means.get("rest", (float("nan"), float("nan")))
+    for c, (p_mean, w_idft) in means.items():
         col = cols[c]
-        if not col["p"]:
-            continue
         at_max = float(np.mean([g >= idft["gamma_max"] - 1e-9 for g in col["gamma"]]))
-        out[c] = {"tokens": len(col["p"]), "p_mean": float(np.mean(col["p"])), "phi_median": float(np.median(col["phi"])),
+        out[c] = {"tokens": len(col["p"]), "p_mean": p_mean, "phi_median": float(np.median(col["phi"])),
                   "gamma_mean": float(np.mean(col["gamma"])), "share_gamma_max": at_max,
-                  "w_dft": float(np.mean(col["p"])), "w_idft": float(np.mean(col["w_idft"])),
-                  "w_dft_rel": float(np.mean(col["p"])) / rest_dft, "w_idft_rel": float(np.mean(col["w_idft"])) / rest_idft,
+                  "w_dft": p_mean, "w_idft": w_idft, "w_dft_rel": p_mean / rest_dft, "w_idft_rel": w_idft / rest_idft,
                   "share_sft": len(col["p"]) / total_n, "share_dft": sum(col["p"]) / totals["p"],
                   "share_idft": sum(col["w_idft"]) / totals["w_idft"]}
     return out
+
+
+def idft_settings(comparison) -> dict:
+    """IDFT's beta and gamma clamps as the study trains its ``idft`` method (its recipe args over `IDFTConfig`'s
+    defaults), for the weights of `token_class_stats`."""
+    from trl_onpolicy.compare.units import Unit
+
+    spec = next((s for s in comparison.cfg.method_specs if s.name == "idft" and s.label == "idft"), None)
+    if spec is None:
+        from trl_onpolicy.trainer.idft_config import IDFTConfig
+
+        fields = IDFTConfig.__dataclass_fields__
+        return {k: fields[f"idft_{k}"].default for k in ("beta", "gamma_min", "gamma_max")}
+    config = comparison.trainer_config(Unit(spec, comparison.cfg.rates_of(spec)[0], 0))
+    return {k: getattr(config, f"idft_{k}") for k in ("beta", "gamma_min", "gamma_max")}
 
 
 def retrain(comparison, label: str, lr: float, seed: int):
     """The unit ``label@lr`` at ``seed``, trained as compare trains it; returns (model, tokenizer, stored, info)."""
     from trl_onpolicy.compare.units import Unit
 
-    specs = [s for s in comparison.cfg.method_specs if s.label == label]
-    if not specs:
-        raise ValueError(f"--retrain {label}@{lr}: the recipe has no method labelled {label!r} "
-                         f"(it has {[s.label for s in comparison.cfg.method_specs]})")
-    unit = Unit(specs[0], lr, seed)
+    spec = next(s for s in comparison.cfg.method_specs if s.label == label)  # main checked the label
+    unit = Unit(spec, lr, seed)
     model, tokenizer = comparison.load_base()
     torch.manual_seed(seed)
     info, model = comparison.train(unit, model, tokenizer)
@@ -184,7 +194,7 @@ def main(argv=None) -> int:
 
     from trl_onpolicy.compare.config import load_config_file
     from trl_onpolicy.compare.runner import Comparison
-    from trl_onpolicy.trainer.idft_config import IDFTConfig
+    from trl_onpolicy.utils.io import atomic_write_text
 
     wanted = []
     for item in args.retrain:
@@ -196,11 +206,15 @@ def main(argv=None) -> int:
         if not (math.isfinite(rate) and rate > 0):
             raise SystemExit(f"--retrain {item!r}: the learning rate must be a finite number > 0")
         wanted.append((label, rate))
+    if args.seed < 0:
+        raise SystemExit(f"--seed {args.seed}: must be an integer >= 0")
     comparison = Comparison(load_config_file(args.config), progress=False)
+    labels = [s.label for s in comparison.cfg.method_specs]
+    for label, lr in wanted:
+        if label not in labels:
+            raise SystemExit(f"--retrain {label}@{lr:g}: the recipe has no method labelled {label!r} (it has {labels})")
     torch.set_num_threads(comparison.cfg.num_threads or torch.get_num_threads())
-    defaults = IDFTConfig.__dataclass_fields__
-    idft = {"beta": defaults["idft_beta"].default, "gamma_min": defaults["idft_gamma_min"].default,
-            "gamma_max": defaults["idft_gamma_max"].default}
+    idft = idft_settings(comparison)
 
     shares = unit_format_shares(comparison)
     classes: dict[str, dict] = {}
@@ -217,10 +231,10 @@ def main(argv=None) -> int:
         del model
 
     out = Path(comparison.cfg.output_dir)
-    (out / "format_tokens.json").write_text(json.dumps({"idft": idft, "units": shares, "token_classes": classes},
-                                                       indent=1) + "\n")
+    atomic_write_text(out / "format_tokens.json",
+                      json.dumps({"idft": idft, "units": shares, "token_classes": classes}, indent=1) + "\n")
     text = markdown(comparison.cfg.title or args.config, shares, classes)
-    (out / "format_tokens.md").write_text(text + "\n")
+    atomic_write_text(out / "format_tokens.md", text + "\n")
     print(text)
     return 0
 

@@ -19,16 +19,12 @@ ORDER = ["sft", "eaft", "dft", "idft", "idft_v1", "idft_hinted", "idft_online", 
 
 
 def chosen_groups(results: dict) -> tuple[list[dict], str]:
-    """Each label's group (per-rate summary) at the rate its report chose (`trl_onpolicy.compare.selection.best_group`:
+    """Each label's group (per-rate summary) at the rate its report chose (`trl_onpolicy.compare.selection.best_by_label`:
     DEV accuracy when the study has a DEV split, else in-domain gain), in `ORDER`; and how the rate was chosen."""
-    from trl_onpolicy.compare.selection import best_group, selected_on_dev
+    from trl_onpolicy.compare.selection import best_by_label, selected_on_dev
 
     groups = [g for g in results["groups"] if g["label"] != "base" and g["per_seed"]]
-    out = {}
-    for label in dict.fromkeys(g["label"] for g in groups):
-        best = best_group([g for g in groups if g["label"] == label])
-        if best is not None and best["metrics"]["in_domain_acc"]["mean"] is not None:
-            out[label] = best
+    out = {label: g for label, g in best_by_label(groups).items() if g["metrics"]["in_domain_acc"]["mean"] is not None}
     rule = "rate chosen on DEV" if selected_on_dev(groups) else "rate: best on the test set"
     return [out[k] for k in ORDER if k in out] + [g for k, g in out.items() if k not in ORDER], rule
 
@@ -44,6 +40,8 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from trl_onpolicy.compare.report import error_bar
 
     studies = []
     for folder in args.studies:
@@ -63,11 +61,8 @@ def main(argv=None) -> int:
         for row, (key, scale, xlabel) in enumerate([("in_domain_gain", 100, "in-domain gain vs base (points)"),
                                                      ("kl_general", 1, "KL(base‖model) on general prompts (nats/token)")]):
             ax = axes[row][col]
-            means = [(g["metrics"][key]["mean"] or 0) * scale for g in groups]
-            lo = [g["metrics"][key]["ci_low"] for g in groups]
-            hi = [g["metrics"][key]["ci_high"] for g in groups]
-            err = [[m - (lo_ * scale) if lo_ is not None else 0 for m, lo_ in zip(means, lo)],
-                   [(hi_ * scale) - m if hi_ is not None else 0 for m, hi_ in zip(means, hi)]]
+            bars = [error_bar(g["metrics"].get(key), scale) or (0.0, 0.0, 0.0) for g in groups]
+            means, err = [b[0] for b in bars], [[b[1] for b in bars], [b[2] for b in bars]]
             colors = ["#c44e52" if g["label"].startswith("idft") else "#4c72b0" if g["label"] == "sft" else "#8c8c8c"
                       for g in groups]
             ax.barh(y, means, xerr=err, color=colors, capsize=3)

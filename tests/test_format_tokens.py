@@ -69,3 +69,14 @@ def test_unit_shares_pool_sets_and_seeds(format_tokens, tmp_path):
 def test_retrain_refuses_a_bad_rate_before_any_work(format_tokens, item):
     with pytest.raises(SystemExit, match="--retrain"):
         format_tokens.main(["--config", "no/such/recipe.yaml", "--retrain", item])
+
+
+def test_seed_and_label_are_checked_before_any_model_runs(format_tokens, tmp_path):
+    with pytest.raises(SystemExit, match="--seed -1"):
+        format_tokens.main(["--config", "no/such/recipe.yaml", "--seed", "-1"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: tiny\noutput_dir: " + str(tmp_path / "out") + "\n"
+                      "methods:\n  - {name: sft, learning_rates: [1.0e-5]}\ndata: {task: chain_sum, n: 8}\n"
+                      "budget: {max_steps: 1}\neval:\n  sets:\n    - {name: a, role: in_domain, task: chain_sum, n: 2}\n")
+    with pytest.raises(SystemExit, match="no method labelled 'idft'"):
+        format_tokens.main(["--config", str(recipe), "--retrain", "idft@1e-5"])

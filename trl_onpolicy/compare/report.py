@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from trl_onpolicy.compare.fmt import _rate, _row, _stat, _val
-from trl_onpolicy.compare.selection import best_group, _sft_groups, section, selected_on_dev
+from trl_onpolicy.compare.selection import _sft_groups, best_by_label, best_group, section, selected_on_dev
 from trl_onpolicy.compare.stats import t_interval
 from trl_onpolicy.utils.io import atomic_write_bytes, atomic_write_text, write_json_atomic
 
@@ -264,11 +264,8 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
                            _stat(m["kl_general"], 1, 4), _stat(m["heldout_nll"], 1, 3),
                            _stat(m["train_seconds"], 1, 0)]))
     lines.append("")
-    best = []
-    for label in dict.fromkeys(g["label"] for g in groups if g["learning_rate"] is not None):
-        b = best_group([g for g in groups if g["label"] == label])
-        if b is not None:
-            best.append(f"{label} {_rate(b['learning_rate'])}")
+    best = [f"{label} {_rate(b['learning_rate'])}"
+            for label, b in best_by_label([g for g in groups if g["learning_rate"] is not None]).items()]
     dev = selected_on_dev(groups)
     if best:
         rule = "highest mean DEV-split accuracy over its seeds" if dev else "highest mean in-domain gain over its seeds"
@@ -360,7 +357,8 @@ def results_markdown(agg: dict, sets, title: str | None = None, sweep_note: str 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _err(stat: dict | None, scale: float) -> tuple[float, float, float] | None:
+def error_bar(stat: dict | None, scale: float) -> tuple[float, float, float] | None:
+    """A seed statistic as (mean, lower error, upper error), scaled; zero errors without an interval."""
     if stat is None:
         return None
     mean = scale * stat["mean"]
@@ -395,7 +393,7 @@ def plot_frontier(agg: dict, path: str | Path, title: str | None = None) -> bool
             rows = sorted((g for g in groups if g["label"] == label), key=lambda g: g["learning_rate"] or 0)
             pts = []
             for g in rows:
-                x, y = _err(g["metrics"].get(xm), xs), _err(g["metrics"].get(ym), ys)
+                x, y = error_bar(g["metrics"].get(xm), xs), error_bar(g["metrics"].get(ym), ys)
                 if x is None or y is None:
                     continue
                 pts.append((x, y, g["learning_rate"]))

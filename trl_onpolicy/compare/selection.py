@@ -48,6 +48,16 @@ def best_group(groups: list[dict]) -> dict | None:
     return max(finished, key=score) if finished else None
 
 
+def best_by_label(groups: list[dict]) -> dict[str, dict]:
+    """Each label's `best_group` (labels in first-seen order; a label with no finished group is left out)."""
+    out = {}
+    for label in dict.fromkeys(g["label"] for g in groups):
+        best = best_group([g for g in groups if g["label"] == label])
+        if best is not None:
+            out[label] = best
+    return out
+
+
 def _sft_groups(groups: list[dict]) -> list[dict]:
     return [g for g in groups if g["method"] == "sft" and g["label"] == "sft"] or [g for g in groups if g["method"] == "sft"]
 
@@ -119,11 +129,7 @@ def section(agg: dict, results: dict, cfg) -> tuple[list[str], dict] | None:
         per = [role_shares(r, sets, role) for r in units.get((g["label"], g["learning_rate"]), {}).values()]
         return {k: t_interval([p[k] for p in per], bounds=(0.0, 1.0)) for k in ("cut_off", "marker")}
 
-    best = {}
-    for label in dict.fromkeys(g["label"] for g in groups):
-        b = best_group([g for g in groups if g["label"] == label])
-        if b is not None:
-            best[label] = b
+    best = best_by_label(groups)
     head = ["method", "lr", "seeds", "DEV acc %", "in-domain acc %", "in-domain gain (pts)", "OOD Δ (pts)",
             "retention Δ (pts)", "KL general", "cut off % (in-domain)", "marker % (in-domain)"]
     lines += ["### Each method at its chosen rate (mean over seeds [95% t-interval])", "", _row(head), "|" + "---|" * len(head)]
