@@ -244,7 +244,9 @@ def split_last_assistant_turn(example: dict) -> dict:
     """``messages`` -> ``prompt`` (every turn before the last assistant turn: system, user, earlier turns) and
     ``completion`` (that last assistant turn). Turns after it are dropped (nothing would train on them)."""
     messages = example["messages"]
-    last = max((i for i, m in enumerate(messages or []) if m.get("role") == "assistant"), default=None)
+    from trl_onpolicy.data.prompts import last_assistant_index
+
+    last = last_assistant_index(messages)
     if last is None:
         raise RecipeError(
             "a conversational training row has no assistant turn: completion-only training needs one per row "

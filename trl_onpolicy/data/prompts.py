@@ -21,6 +21,11 @@ def is_conversation(prompt) -> bool:
         isinstance(m, Mapping) and "role" in m for m in prompt)
 
 
+def last_assistant_index(messages) -> int | None:
+    """Index of the last ``assistant`` message of a conversation (None when it has none)."""
+    return max((i for i, m in enumerate(messages or []) if m.get("role") == "assistant"), default=None)
+
+
 def render_prompt_ids(tokenizer, prompt, *, chat_template: str | None = None, example: Mapping | None = None,
                       add_generation_prompt: bool = True) -> list[int]:
     """Token ids of ``prompt`` (text, or chat messages) as SFTTrainer tokenizes it; ``example`` is the dataset row the

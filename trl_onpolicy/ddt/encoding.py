@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl_onpolicy.data.prompts import render_prompt_ids
+from trl_onpolicy.data.prompts import last_assistant_index, render_prompt_ids
 
 # reason -> what it means; every skipped row is counted under one of these in the summary's "skipped"
 SKIP_REASONS = {
@@ -267,7 +267,9 @@ class Encoder:
             return render_prompt_ids(self.tokenizer, row["prompt"], chat_template=self.chat_template)
         if self.fmt in ("messages", "conversations"):
             messages = row["messages"]
-            last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+            last = last_assistant_index(messages)
+            if last is None:
+                raise ValueError("a `messages` row has no assistant turn, so it has no prompt to render.")
             return render_prompt_ids(self.tokenizer, messages[:last], chat_template=self.chat_template)
         if self.fmt == "input_ids" and any(row.get(c) is not None for c in ("labels", "assistant_masks", "completion_mask")):
             mask = self._input_mask(row, len(row["input_ids"]))

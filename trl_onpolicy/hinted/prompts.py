@@ -15,7 +15,7 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 
-from trl_onpolicy.data.prompts import is_conversation, render_prompt_ids
+from trl_onpolicy.data.prompts import is_conversation, last_assistant_index, render_prompt_ids
 from trl_onpolicy.utils.generation import generate_ids
 
 DEFAULT_HINT_TEMPLATE = (
@@ -59,7 +59,7 @@ def conversation_prompt(messages) -> list[dict] | None:
     earlier assistant turns included). None when the conversation has no assistant turn after some context."""
     if not is_conversation(messages):
         return None
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    last = last_assistant_index(messages)
     if not last:  # no assistant turn, or one with nothing before it
         return None
     return [dict(m) for m in messages[:last]]
