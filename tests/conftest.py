@@ -20,6 +20,16 @@ from trl_onpolicy.testing.tiny import make_tiny_model, make_tiny_tokenizer  # no
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _unmarked_command():
+    """Each test starts as a fresh command would: a test that calls a command's function directly (outside the
+    dispatcher's `command_scope`) marks work as started, and that process-wide mark must not reach the next test."""
+    from trl_onpolicy.utils.errors import command_scope
+
+    with command_scope():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

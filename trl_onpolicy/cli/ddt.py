@@ -29,7 +29,7 @@ from trl_onpolicy.utils import distributed
 from trl_onpolicy.utils.errors import work_started
 from trl_onpolicy.utils.fingerprint import changed_keys, data_fingerprint, model_fingerprint
 from trl_onpolicy.utils.validation import COUNT, OPTIONAL_COUNT, POSITIVE, Range, check_fields, check_output_path
-from trl_onpolicy.utils.io import atomic_write_bytes, write_json_atomic
+from trl_onpolicy.utils.io import atomic_write_bytes, atomic_write_text, write_json_atomic
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -406,7 +406,7 @@ def run_ddt(args: DDTArguments, script_args, model_args, model=None, tokenizer=N
 
     if distributed.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(ddt.json_safe(summary), indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(ddt.json_safe(summary), indent=2) + "\n")
         result.write_samples(out / "samples.jsonl")
         if own is not None:
             own.write_samples(out / "self_samples.jsonl")
@@ -467,7 +467,7 @@ def run_filter(args: DDTFilterArguments, script_args, model_args, model=None, to
     if distributed.is_main_process():
         save_dataset_like(filtered, target)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "filter_report.json").write_text(json.dumps(ddt.json_safe(report), indent=2) + "\n")
+        atomic_write_text(Path(args.output_dir) / "filter_report.json", json.dumps(ddt.json_safe(report), indent=2) + "\n")
         bounds = f"[{args.min_value}, {args.max_value}]"
         print(f"ddt-filter: {report['kept']} kept, {report['dropped']} dropped ({report['dropped_unscored']} unscored) "
               f"of {report['num_rows']} rows by {args.filter_by} {'outside' if args.invert else 'in'} {bounds}; "
